@@ -1,0 +1,3 @@
+from sdtune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""The `sdtune` command line: one argparse tree, one line per user error.
+
+Each subcommand lives in its own module with two functions:
+
+    add_arguments(parser)   defines the flags; the module imports no torch at top level
+    run(args) -> int        does the work; heavy imports go inside
+
+so `sdtune --help`, `sdtune <cmd> --help` and option validation stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import os
+import sys
+
+from sdtune.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("sdtune.train.command", "fine-tune a model (accepts sd-scripts fine_tune.py flags)"),
+    "demo": ("sdtune.demo", "build a tiny model and dataset, train it, show the results"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line, with a "did you mean" for unknown options."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        if message.startswith("unrecognized arguments:"):
+            known = [s for a in self._actions for s in a.option_strings]
+            hints = []
+            for arg in message.split(":", 1)[1].split():
+                if arg.startswith("-"):
+                    close = difflib.get_close_matches(arg.split("=")[0], known, n=1)
+                    if close:
+                        hints.append(f"{arg} (did you mean {close[0]}?)")
+                        continue
+                hints.append(arg)
+            message = "unrecognized arguments: " + " ".join(hints)
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="sdtune", description="Full fine-tuning of Stable Diffusion 1.x and 2.x.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, (module, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+        importlib.import_module(module).add_arguments(cmd)
+        cmd.set_defaults(_module=module)
+    return parser
+
+
+def _version() -> str:
+    from sdtune import __version__
+
+    return f"sdtune {__version__}"
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if prog:
+        parser.prog = prog
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    debug = args.debug or os.environ.get("SDTUNE_DEBUG") == "1"
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UserError as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"error: {exc.message}\n")
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.stderr.write("interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
