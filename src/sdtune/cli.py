@@ -21,6 +21,12 @@ from sdtune.errors import UserError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sdtune.train.command", "fine-tune a model (accepts sd-scripts fine_tune.py flags)"),
+    "cache": ("sdtune.data.command", "sort images into buckets and cache their VAE latents"),
+    "convert": ("sdtune.checkpoint.command", "convert a checkpoint between formats and precisions"),
+    "caption": ("sdtune.prep.caption_command", "write BLIP captions next to images"),
+    "tag": ("sdtune.prep.tag_command", "write WD14 / DeepDanbooru tags next to images"),
+    "merge": ("sdtune.prep.merge_command", "merge caption and tag files into a metadata file"),
+    "clean": ("sdtune.prep.clean_command", "clean captions and tags in a metadata file"),
     "demo": ("sdtune.demo", "build a tiny model and dataset, train it, show the results"),
 }
 
@@ -44,14 +50,16 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> Parser:
+def build_parser(command: str | None = None) -> Parser:
+    """The parser tree; only `command`'s module is imported (the others just list their help)."""
     parser = Parser(prog="sdtune", description="Full fine-tuning of Stable Diffusion 1.x and 2.x.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, (module, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        cmd.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-        importlib.import_module(module).add_arguments(cmd)
+        if name == command:
+            cmd.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+            importlib.import_module(module).add_arguments(cmd)
         cmd.set_defaults(_module=module)
     return parser
 
@@ -64,14 +72,15 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     if prog:
         parser.prog = prog
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
-    debug = args.debug or os.environ.get("SDTUNE_DEBUG") == "1"
+    debug = getattr(args, "debug", False) or os.environ.get("SDTUNE_DEBUG") == "1"
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except UserError as exc:
