@@ -32,11 +32,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake in one line, with a "did you mean" for unknown options."""
+    """argparse that reports a mistake in one line, with a "did you mean" for unknown options.
+
+    Abbreviated flags are not accepted: a prefix that is unique today can become ambiguous when a
+    flag is added, and a training script must not change meaning between versions.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         if message.startswith("unrecognized arguments:"):
-            known = [s for a in self._actions for s in a.option_strings]
+            known = _option_strings(self)
             hints = []
             for arg in message.split(":", 1)[1].split():
                 if arg.startswith("-"):
@@ -48,6 +56,18 @@ class Parser(argparse.ArgumentParser):
             message = "unrecognized arguments: " + " ".join(hints)
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every visible flag of `parser` and its subcommands (unknown arguments are reported at the root)."""
+    out = []
+    for action in parser._actions:
+        if action.help != argparse.SUPPRESS:
+            out += action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out += _option_strings(sub)
+    return out
 
 
 def build_parser(command: str | None = None) -> Parser:

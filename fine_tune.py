@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""sd-scripts compatible entry point:
+
+    accelerate launch --num_cpu_threads_per_process 1 fine_tune.py --pretrained_model_name_or_path ... ...
+
+Same flags as `sdtune train`.
+"""
+
+import sys
+
+from sdtune.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]], prog="fine_tune.py"))

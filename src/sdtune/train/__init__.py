@@ -1,0 +1,1 @@
+"""Training: options, the loop, optimizers, noise and loss."""

@@ -1,0 +1,72 @@
+"""sd-scripts fine_tune.py flags that sdtune recognises but does not implement (yet).
+
+They are accepted by the parser (so the user is not told "unrecognized") and then refused with a
+message naming the flag, instead of being silently ignored as sd-scripts does with some of its own.
+The list shrinks as features land; a flag moves from here to a typed option when it acts.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# flag -> why / what to do instead
+NOT_SUPPORTED: dict[str, str] = {
+    "deepspeed": "DeepSpeed is not supported; use plain multi-GPU data parallel through accelerate",
+    "zero_stage": "DeepSpeed is not supported",
+    "offload_optimizer_device": "DeepSpeed is not supported",
+    "offload_optimizer_nvme_path": "DeepSpeed is not supported",
+    "offload_param_device": "DeepSpeed is not supported",
+    "offload_param_nvme_path": "DeepSpeed is not supported",
+    "zero3_init_flag": "DeepSpeed is not supported",
+    "zero3_save_16bit_model": "DeepSpeed is not supported",
+    "fp8_base": "fp8 base weights are not supported for full fine-tuning",
+    "fused_backward_pass": "the fused backward pass is not supported",
+    "dataset_class": "custom dataset classes are not supported; use a dataset TOML",
+    "debug_dataset": "the OpenCV dataset viewer is not supported; use --dry_run to inspect buckets",
+    "huggingface_repo_id": "uploading to the Hugging Face hub is not supported",
+    "resume_from_huggingface": "resuming from the Hugging Face hub is not supported",
+    "lowram": "--lowram is not supported",
+    "highvram": "--highvram is not supported",
+    "face_crop_aug_range": "face crop augmentation is not supported",
+    "tokenizer_cache_dir": "not needed: sdtune ships its tokenizers",
+}
+
+# Flags that sd-scripts documents and sdtune will implement (tracked in the issues); refused until then.
+PLANNED: dict[str, str] = {
+    name: "not implemented yet in this version of sdtune"
+    for name in (
+        "xformers", "diffusers_xformers", "mem_eff_attn", "sdpa", "full_fp16", "full_bf16",
+        "noise_offset", "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount",
+        "ip_noise_gamma", "min_snr_gamma", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred",
+        "v_pred_like_loss", "zero_terminal_snr", "loss_type", "huber_schedule", "huber_c", "huber_scale",
+        "min_timestep", "max_timestep", "use_lion_optimizer", "lr_scheduler_num_cycles", "lr_scheduler_power",
+        "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "lr_scheduler_timescale",
+        "lr_scheduler_min_lr_ratio", "save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio",
+        "save_last_n_epochs", "save_last_n_steps", "save_state", "save_state_on_train_end",
+        "save_last_n_epochs_state", "save_last_n_steps_state", "resume", "skip_until_initial_step",
+        "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first", "sample_prompts", "sample_sampler",
+        "log_with", "log_prefix", "log_tracker_name", "log_tracker_config", "log_config", "wandb_api_key",
+        "wandb_run_name", "weighted_captions", "torch_compile", "dynamo_backend", "ddp_timeout",
+        "ddp_gradient_as_bucket_view", "ddp_static_graph", "vae", "output_config", "alpha_mask",
+        "noise_offset_random_strength", "fp16_master_weights_and_gradients",
+    )
+}
+
+
+def add_hidden_flags(parser: argparse.ArgumentParser, taken: set[str]) -> None:
+    """Accept the known-but-unsupported flags (hidden from --help) so they can be refused clearly."""
+    for name in {**PLANNED, **NOT_SUPPORTED}:
+        if name in taken:
+            continue
+        parser.add_argument(f"--{name}", dest=f"_unsupported_{name}", nargs="?", const=True,
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def refused(args: argparse.Namespace) -> list[str]:
+    """One message per known-but-unsupported flag the user gave."""
+    out = []
+    for key in vars(args):
+        if key.startswith("_unsupported_"):
+            name = key.removeprefix("_unsupported_")
+            out.append(f"--{name}: {NOT_SUPPORTED.get(name) or PLANNED[name]}")
+    return out

@@ -1,0 +1,95 @@
+"""The command line: fast help, one-line errors for user mistakes, tracebacks only with --debug."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sdtune.cli import main
+
+
+def run_cli(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse exits for usage errors
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_imports_no_torch():
+    code = ("import sys\n"
+            "from sdtune.cli import build_parser\n"
+            "for cmd in (None, 'train', 'demo'):\n"
+            "    build_parser(cmd).format_help()\n"
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'accelerate') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unknown_option_suggests(capsys):
+    code, _, err = run_cli(capsys, "train", "--pretrained_model_name_or_path", "x", "--learning_rat", "1")
+    assert code == 2
+    assert err.count("\n") == 1 and "--learning_rat" in err and "did you mean --learning_rate" in err
+
+
+def test_bad_value_names_the_flag(capsys):
+    code, _, err = run_cli(capsys, "train", "--pretrained_model_name_or_path", "m", "--output_dir", "o",
+                           "--in_json", "j", "--learning_rate", "fast")
+    assert code == 2 and err.count("\n") == 1 and "--learning_rate" in err
+
+
+def test_out_of_range_value(capsys):
+    code, _, err = run_cli(capsys, "train", "--pretrained_model_name_or_path", "m", "--output_dir", "o",
+                           "--in_json", "j", "--max_train_steps", "0")
+    assert code == 2 and err.startswith("error: --max_train_steps") and "Traceback" not in err
+
+
+def test_known_but_unsupported_sdscripts_flag_is_refused(capsys):
+    code, _, err = run_cli(capsys, "train", "--pretrained_model_name_or_path", "m", "--output_dir", "o",
+                           "--in_json", "j", "--deepspeed")
+    assert code == 2 and "--deepspeed" in err and "not supported" in err
+
+
+def test_missing_model_file(capsys, tmp_path):
+    from sdtune.testing import make_dataset
+
+    make_dataset(tmp_path / "d", n=2, metadata=tmp_path / "m.json")
+    code, _, err = run_cli(capsys, "train", "--pretrained_model_name_or_path", str(tmp_path / "nope.safetensors"),
+                           "--in_json", str(tmp_path / "m.json"), "--train_data_dir", str(tmp_path / "d"),
+                           "--output_dir", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1 and "nope.safetensors" in err and "Traceback" not in err
+
+
+def test_missing_metadata(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--pretrained_model_name_or_path", "m", "--output_dir", "o",
+                           "--in_json", str(tmp_path / "missing.json"), "--train_data_dir", str(tmp_path))
+    assert code == 2 and "missing.json" in err and err.count("\n") == 1
+
+
+def test_config_file_unknown_key(capsys, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[training]\nlearning_rte = 1e-5\n')
+    code, _, err = run_cli(capsys, "train", "--config_file", str(cfg), "--pretrained_model_name_or_path", "m")
+    assert code == 2 and str(cfg) in err and "learning_rte" in err and "learning_rate" in err
+
+
+def test_config_file_values_and_command_line_precedence(tmp_path):
+    import argparse
+
+    from sdtune.train.command import add_arguments, options_from_args
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[model]\npretrained_model_name_or_path = "m"\n[training]\nlearning_rate = 3e-5\n'
+                   'max_train_steps = 7\n[saving]\noutput_dir = "o"\n[data]\nin_json = "j"\n')
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    opts = options_from_args(parser.parse_args(["--config_file", str(cfg), "--max_train_steps", "9"]))
+    assert (opts.learning_rate, opts.max_train_steps, opts.output_dir) == (3e-5, 9, "o")
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sdtune", "train", "--debug", "--pretrained_model_name_or_path", "m",
+                             "--output_dir", "o", "--in_json", str(tmp_path / "missing.json")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "UserError" in result.stderr
