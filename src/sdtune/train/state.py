@@ -1,0 +1,121 @@
+"""Training state for exact resume.
+
+A state folder holds what accelerate saves (model, optimizer, LR scheduler, gradient scaler, RNG
+states) plus our `train_state.json` — step, epoch and the position in the epoch's batch order, and
+the options that shaped the run — and the EMA weights when EMA is on. Because every random draw in
+the loop comes from a generator derived from (seed, epoch, batch, rank), restoring the position is
+enough to continue with the very numbers an uninterrupted run would have drawn.
+
+A state is written to a temporary folder and renamed into place, so a crash or a full disk during
+a save leaves the previous state untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sdtune.errors import UserError
+
+STATE_FILE = "train_state.json"
+FORMAT = 1
+
+# Options that may differ between the run that saved a state and the run that resumes it: where
+# things go, how often they are saved or logged, and how long to train. Everything else changes the
+# arithmetic of training, so resuming with a different value is refused unless
+# --resume_allow_changes is given.
+MAY_CHANGE = {
+    "output_dir", "output_name", "save_model_as", "save_precision", "use_safetensors", "save_every_n_epochs",
+    "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps", "save_last_n_epochs_state",
+    "save_last_n_steps_state", "save_state", "save_state_on_train_end", "save_ema", "max_train_steps",
+    "max_train_epochs", "resume", "resume_allow_changes", "dry_run", "logging_dir", "log_with", "log_prefix",
+    "wandb_run_name", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first", "sample_prompts",
+    "sample_sampler", "metadata_title", "metadata_author", "metadata_description", "metadata_license",
+    "metadata_tags", "max_data_loader_n_workers", "persistent_data_loader_workers", "vae_batch_size",
+    "skip_cache_check", "cache_dir", "validation_every_n_steps", "strict",
+}
+
+
+@dataclass
+class Position:
+    global_step: int = 0
+    epoch: int = 0          # 0-based epoch to continue in
+    batch: int = 0          # next batch index within that epoch (this rank's view)
+    micro_steps: int = 0    # micro-batches done in total (for logging)
+
+
+def significant_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in sorted(options.items()) if k not in MAY_CHANGE}
+
+
+def save_state(accelerator, directory: Path, position: Position, options: dict[str, Any], ema=None) -> Path:
+    """Write a state folder atomically (all processes call this; the main process renames)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".partial")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        record = {"format": FORMAT, "position": asdict(position), "options": significant_options(options),
+                  "all_options": options, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+            record["ema_updates"] = ema.updates
+        (tmp / STATE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return directory
+
+
+def read_state(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"not a training state folder (no {STATE_FILE})", where=str(directory),
+                        fix="Pass a folder written by --save_state, such as <output_name>-000004-state.")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"corrupt {STATE_FILE} ({exc})", where=str(directory)) from None
+    if record.get("format") != FORMAT:
+        raise UserError(f"state format {record.get('format')} is not supported (expected {FORMAT})", where=str(directory))
+    return record
+
+
+def check_compatible(record: dict[str, Any], options: dict[str, Any], allow_changes: bool, where: str) -> list[str]:
+    """The differences in significant options; refused unless allowed."""
+    saved, now = record["options"], significant_options(options)
+    diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diffs and not allow_changes:
+        listed = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise UserError(f"the options differ from the run that saved this state: {listed}", where=where,
+                        fix="Resume with the same options, or add --resume_allow_changes to accept the differences.")
+    return diffs
+
+
+def load_state(accelerator, directory: str | Path, ema=None) -> Position:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    record = read_state(directory)
+    accelerator.load_state(str(directory))
+    if ema is not None:
+        ema_file = directory / "ema.safetensors"
+        if not ema_file.is_file():
+            raise UserError("this state has no EMA weights but --ema is on", where=str(directory),
+                            fix="Resume without --ema, or from a state saved with --ema.")
+        ema.load_state_dict(load_file(str(ema_file)), record.get("ema_updates", 0))
+    return Position(**record["position"])
