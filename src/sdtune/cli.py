@@ -70,13 +70,18 @@ def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
     return out
 
 
-def build_parser(command: str | None = None) -> Parser:
-    """The parser tree; only `command`'s module is imported (the others just list their help)."""
-    parser = Parser(prog="sdtune", description="Full fine-tuning of Stable Diffusion 1.x and 2.x.")
+def build_parser(command: str | None = None, prog: str = "sdtune") -> Parser:
+    """The parser tree; only `command`'s module is imported (the others just list their help).
+
+    `prog` names the program in usage lines: sd-scripts-style wrappers (fine_tune.py,
+    finetune/*.py) call `main([...], prog=...)` so their help and errors use their own name.
+    """
+    parser = Parser(prog=prog, description="Full fine-tuning of Stable Diffusion 1.x and 2.x.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, (module, help_text) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd = sub.add_parser(name, help=help_text, description=help_text,
+                             **({"prog": prog} if prog != "sdtune" and name == command else {}))
         if name == command:
             cmd.add_argument("--debug", action="store_true", help="show tracebacks for errors")
             importlib.import_module(module).add_arguments(cmd)
@@ -93,9 +98,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
-    if prog:
-        parser.prog = prog
+    parser = build_parser(command if command in COMMANDS else None, prog or "sdtune")
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
