@@ -1,50 +1,35 @@
-"""Loading and saving Stable Diffusion checkpoints.
+"""Loading and saving Stable Diffusion 1.x / 2.x checkpoints.
 
 Public API (used by train, convert, testing):
 
-    load_model(path, *, v2=None, v_parameterization=None, use_ema_weights=False) -> SDModel
-    save_model(model, path, *, fmt, precision=None, metadata=None) -> Path
+    load_model(path_or_id, *, v2=None, v_parameterization=None, use_ema_weights=False,
+               config=None, dtype=None, verbose=True) -> SDModel
+    save_model(model, path, *, fmt, precision=None, metadata=None, title=None, progress=True) -> Path
+    build_modelspec(family, *, title, resolution=None, date=None, clip_skip=None, training=None,
+                    diffusers=False, extra=None) -> dict[str, str]
 
-PLACEHOLDER: only Diffusers folders for now; the single-file formats come with issue 3.
+Layout of the package (one concern per module):
+
+    io.py            safe reading (mmap safetensors, weights-only pickles), streamed atomic writing
+    unet.py          U-Net key map, original <-> diffusers, derived from the config
+    vae.py           VAE key map (reversed decoder numbering, 1x1-conv attention)
+    text_encoder.py  SD1 CLIP and SD2 OpenCLIP key maps (fused q/k/v), the missing-24th-layer policy
+    convert.py       whole model <-> original state dict; EMA selection; passthrough
+    detect.py        SD1 / SD2 / SD2-v detection, with the reason
+    modelspec.py     ModelSpec metadata
+    load.py, save.py the two entry points
+
+We write our own diffusers -> original converter because the installed diffusers only converts the
+other way; loading uses our key maps too so that both directions are one table, tested against
+diffusers' independent `from_single_file`.
+
+Nothing here imports torch at module level, so `sdtune convert --help` stays fast.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from .load import load_model
+from .modelspec import build_modelspec
+from .save import PRECISIONS, SAVE_FORMATS, save_model
 
-from sdtune.errors import UserError
-from sdtune.families import get_family
-
-SAVE_FORMATS = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
-
-
-def load_model(path, *, v2=None, v_parameterization=None, use_ema_weights=False):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from sdtune.model import SDModel
-
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise UserError("not a Diffusers folder (no model_index.json)", where=str(path))
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-    te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    v2 = bool(v2) if v2 is not None else unet.config.cross_attention_dim != 768 and te.config.hidden_act == "gelu"
-    fam = get_family("sd2" if v2 else "sd1").with_prediction_type(sched.get("prediction_type", "epsilon"))
-    return SDModel(fam, unet, vae, te, tok, sched, source=str(path))
-
-
-def save_model(model, path, *, fmt, precision=None, metadata=None):
-    if fmt not in ("diffusers", "diffusers_safetensors"):
-        raise UserError(f"--save_model_as {fmt} is not implemented yet")
-    path = Path(path)
-    for name in ("unet", "vae", "text_encoder", "tokenizer"):
-        getattr(model, name).save_pretrained(path / name)
-    (path / "scheduler").mkdir(parents=True, exist_ok=True)
-    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))
-    (path / "model_index.json").write_text((model.family.asset_dir / "model_index.json").read_text())
-    return path
+__all__ = ["load_model", "save_model", "build_modelspec", "SAVE_FORMATS", "PRECISIONS"]
