@@ -1,0 +1,58 @@
+"""`sdtune cache`: sort images into buckets and cache their VAE latents on disk (what sd-scripts'
+prepare_buckets_latents.py / tools/cache_latents.py do), so that training starts without encoding.
+
+    sdtune cache --pretrained_model_name_or_path model.safetensors --dataset_config data.toml
+    sdtune cache --in_json meta.json --train_data_dir img --resolution 512 --enable_bucket --dry_run
+
+It always caches to disk (the point of the command); `train` with --cache_latents_to_disk then
+reuses every entry without a VAE call.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from sdtune.config import Field, add_options, parse_options
+from sdtune.data.options import DatasetOptions
+
+
+class CacheOptions(DatasetOptions):
+    pretrained_model_name_or_path: str | None = Field(
+        None, "the model whose VAE encodes the images (a .safetensors/.ckpt file or a Diffusers folder)",
+        group="Model", metavar="PATH")
+    device: str | None = Field(None, "device for the VAE (default: cuda when available, else cpu)", group="Model")
+
+
+def add_arguments(parser) -> None:
+    add_options(parser, CacheOptions)
+
+
+def run(args) -> int:
+    from sdtune.data.latent_cache import cache_plan_summary
+    from sdtune.data.plan import build_plan
+    from sdtune.errors import UserError
+
+    # The command always caches to disk; the flag makes the plan refuse uncacheable augmentations.
+    opts = parse_options(CacheOptions, args).model_copy(update={"cache_latents_to_disk": True})
+    if opts.dry_run:
+        plan = build_plan(opts, seed=0)
+        print(plan.summary())
+        print(cache_plan_summary(plan))
+        return 0
+    if not opts.pretrained_model_name_or_path:
+        raise UserError("no model given", where="--pretrained_model_name_or_path",
+                        fix="Pass the checkpoint whose VAE the training will use.")
+    import torch
+
+    from sdtune.checkpoint import load_model
+    from sdtune.data.latent_cache import ensure_latent_cache
+
+    model = load_model(opts.pretrained_model_name_or_path)
+    plan = build_plan(opts, seed=0, default_resolution=model.family.resolution)
+    print(plan.summary(), file=sys.stderr)
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache = ensure_latent_cache(plan, model.vae, device=device, to_disk=True)
+    print(f"latent cache: {cache.reused} reused, {cache.encoded} encoded, "
+          f"{len(cache.plan.skipped)} images skipped", file=sys.stderr)
+    return 0
+

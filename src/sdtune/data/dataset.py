@@ -1,0 +1,126 @@
+"""Batches as tensors: the map-style dataset whose "index" is a `BatchSpec`, and the DataLoader.
+
+One DataLoader item is one whole batch (batch_size=None): the sampler decides the batch, a worker
+loads it. A batch is a dict:
+
+    latent_mean, latent_logvar   (B, C, H/8, W/8) float16   when latents are cached
+    images                        (B, 3, H, W) float32 in [-1, 1]   when they are not
+    captions, tags                list[str | None]   raw text from the metadata (not processed)
+    caption_options               list[dict]   the subset's resolved caption keys, for sdtune.text
+    custom_attributes             list[dict | None]
+    subsets, indices              list[int]    subset and stable sample index of each row
+    flipped                       list[bool]
+    bucket                        (width, height)
+    epoch, position               the batch's place, for exact resume
+
+A sample that fails to load (a corrupt image or cache entry) is dropped from its batch with a
+warning; under --strict it stops the run. Spawn-safe: the dataset holds only plain data (paths,
+numbers, dicts), no open files, lambdas or modules.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from sdtune.data.images import BadImage, prepare
+from sdtune.data.plan import DatasetPlan
+from sdtune.data.sampler import BatchSpec, BucketBatchSampler
+from sdtune.errors import UserError
+
+try:  # the base class only matters when torch is there; the module stays importable without it
+    from torch.utils.data import Dataset as _Base
+except ImportError:  # pragma: no cover
+    _Base = object
+
+
+class BatchDataset(_Base):
+    def __init__(self, plan: DatasetPlan, cache=None):
+        self.plan = plan
+        # Only what a worker needs: disk paths are small; in-memory latents force num_workers=0.
+        self.paths = dict(cache.paths) if cache is not None else None
+        self.memory = cache.memory if cache is not None else None
+        self.strict = plan.options.strict
+
+    def __len__(self) -> int:  # not used by the sampler-driven loader; here for completeness
+        return len(self.plan.samples)
+
+    def _latents(self, index: int, flip: bool, bucket):
+        from sdtune.data.latent_cache import load_entry
+
+        key = (index, flip)
+        if self.memory and key in self.memory:
+            return self.memory[key]
+        if key not in self.paths:
+            raise ValueError("no latent cache entry (the image failed to encode)")
+        return load_entry(self.paths[key], bucket)
+
+    def __getitem__(self, spec: BatchSpec) -> dict:
+        import numpy as np
+        import torch
+
+        plan = self.plan
+        rows, means, logvars, images = [], [], [], []
+        cached = self.paths is not None
+        for slot, i in enumerate(spec.indices):
+            s = plan.samples[i]
+            sub = plan.subsets[s.subset]
+            try:
+                if cached:
+                    mean, logvar = self._latents(i, spec.flips[slot], spec.bucket)
+                    means.append(mean)
+                    logvars.append(logvar)
+                else:
+                    images.append(prepare(s.path, s.size, s.resized, s.bucket, flip=spec.flips[slot],
+                                          crop_seed=spec.crop_seeds[slot], color_seed=spec.color_seeds[slot],
+                                          interpolation=sub.resize_interpolation))
+            except (BadImage, OSError, ValueError) as exc:
+                reason = exc.reason if isinstance(exc, BadImage) else str(exc)
+                if self.strict:
+                    raise UserError(f"cannot load sample: {reason}", where=s.path,
+                                    fix="Fix or remove it, or drop --strict to skip it.") from None
+                warnings.warn(f"{s.path}: {reason}; left out of batch {spec.position} of epoch {spec.epoch}",
+                              stacklevel=2)
+                continue
+            rows.append((slot, s, sub))
+        batch = {
+            "captions": [s.caption for _k, s, _u in rows],
+            "tags": [s.tags for _k, s, _u in rows],
+            "caption_options": [sub.caption_options for _k, _s, sub in rows],
+            "custom_attributes": [sub.custom_attributes for _k, _s, sub in rows],
+            "subsets": [s.subset for _k, s, _u in rows],
+            "indices": [s.index for _k, s, _u in rows],
+            "flipped": [spec.flips[k] for k, _s, _u in rows],
+            "bucket": spec.bucket, "epoch": spec.epoch, "position": spec.position,
+        }
+        if cached and rows:
+            batch["latent_mean"] = torch.stack(means)
+            batch["latent_logvar"] = torch.stack(logvars)
+        elif rows:
+            batch["images"] = torch.from_numpy(np.stack(images))
+        return batch
+
+
+def make_loader(plan: DatasetPlan, sampler: BucketBatchSampler, cache=None, *, num_workers: int | None = None,
+                persistent_workers: bool | None = None, multiprocessing_context: str | None = None,
+                pin_memory: bool = False):
+    """A DataLoader over `sampler`'s batches. Call `sampler.set_epoch(e, start_batch)` before each epoch.
+
+    Workers decode images; with in-memory latents there is nothing to decode, so none are used.
+    An empty batch (every sample failed to load) is possible only without --strict; skip it.
+    """
+    from torch.utils.data import DataLoader
+
+    opts = plan.options
+    workers = opts.max_data_loader_n_workers if num_workers is None else num_workers
+    if cache is not None and cache.memory:
+        workers = 0
+    persistent = (opts.persistent_data_loader_workers if persistent_workers is None else persistent_workers) and workers > 0
+    return DataLoader(BatchDataset(plan, cache), sampler=sampler, batch_size=None, num_workers=workers,
+                      persistent_workers=persistent, pin_memory=pin_memory,
+                      multiprocessing_context=multiprocessing_context if workers > 0 else None,
+                      collate_fn=_identity)
+
+
+def _identity(batch):
+    # A module-level function, not a lambda: workers started with spawn must be able to pickle it.
+    return batch

@@ -1,0 +1,138 @@
+"""sd-scripts metadata files: JSON object or JSONL, keys resolved to image files.
+
+JSON: `{"<key>": {"caption": ..., "tags": ..., "image_size": [w, h], ...}, ...}`.
+JSONL: one `{"image_path": ..., "caption": ..., "tags": ..., "image_size": ...}` per line.
+A key is an absolute path, a path relative to the subset's image folder, or a stem / path without
+extension, resolved by trying the image extensions (sd-scripts before #2327 did not, see spec §1.6).
+Other fields (e.g. `train_resolution`) are tolerated and ignored. No torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdtune.data.images import IMAGE_EXTENSIONS
+from sdtune.errors import UserError
+
+
+@dataclass(frozen=True)
+class MetadataRecord:
+    key: str
+    path: Path
+    caption: str | None
+    tags: str | None
+    image_size: tuple[int, int] | None
+
+
+def read_metadata(path: str | Path) -> dict[str, dict]:
+    """The raw metadata: key -> value dict, in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("metadata file not found", where=str(path), fix="Check metadata_file / --in_json.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError("metadata file is not UTF-8 text", where=str(path)) from None
+    if path.suffix.lower() == ".jsonl":
+        return _read_jsonl(text, path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", where=str(path),
+                        fix="Fix the file, or name it .jsonl if it holds one record per line.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"the top level is a {type(data).__name__}, expected an object keyed by image",
+                        where=str(path), fix='Write {"image.png": {"caption": "..."}, ...}.')
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            raise UserError(f"the entry of {key!r} is a {type(value).__name__}, expected an object",
+                            where=str(path), fix='Write {"caption": "...", "tags": "..."}.')
+    return data
+
+
+def _read_jsonl(text: str, path: Path) -> dict[str, dict]:
+    data: dict[str, dict] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"line {lineno} is not valid JSON ({exc.msg})", where=str(path)) from None
+        if not isinstance(record, dict) or not isinstance(record.get("image_path"), str):
+            raise UserError(f"line {lineno} has no \"image_path\" string", where=str(path),
+                            fix='Each line must be {"image_path": "...", "caption": "..."}.')
+        data[record["image_path"]] = record
+    return data
+
+
+def resolve_key(key: str, image_dir: Path | None) -> Path | None:
+    """The image file a metadata key names, or None when none exists."""
+    p = Path(key).expanduser()
+    if not p.is_absolute():
+        if image_dir is None:
+            return None
+        p = image_dir / p
+    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+        return p
+    for ext in IMAGE_EXTENSIONS:
+        for cand in (p.with_name(p.name + ext), p.with_name(p.name + ext.upper())):
+            if cand.is_file():
+                return cand
+    if p.is_file():  # an image with an unusual extension named explicitly: let PIL judge it
+        return p
+    return None
+
+
+def _text(value, key: str, field: str, where: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ", ".join(value)  # some taggers write tag lists
+    if not isinstance(value, str):
+        raise UserError(f"{field!r} of {key!r} is a {type(value).__name__}, expected text", where=where)
+    return value
+
+
+def _size(value, key: str, where: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        return int(value[0]), int(value[1])
+    raise UserError(f"image_size of {key!r} is {value!r}, expected [width, height]", where=where,
+                    fix="Fix or remove it (sizes are read from the image when absent).")
+
+
+def load_records(metadata_file: str | Path, image_dir: str | Path | None) -> list[MetadataRecord]:
+    """All records of a metadata file with their image paths; every listed image must exist."""
+    where = str(metadata_file)
+    raw = read_metadata(metadata_file)
+    root = Path(image_dir).expanduser() if image_dir else None
+    if root is not None and not root.is_dir():
+        raise UserError("image folder not found", where=str(root), fix="Check image_dir / --train_data_dir.")
+    records, missing = [], []
+    for key, value in raw.items():
+        path = resolve_key(key, root)
+        if path is None:
+            missing.append(key)
+            continue
+        records.append(MetadataRecord(
+            key=key, path=path,
+            caption=_text(value.get("caption"), key, "caption", where),
+            tags=_text(value.get("tags"), key, "tags", where),
+            image_size=_size(value.get("image_size"), key, where)))
+    if missing:
+        listed = ", ".join(repr(k) for k in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        if root is None and any(not Path(k).is_absolute() for k in missing):
+            fix = "The keys are relative: set image_dir in the subset (or --train_data_dir)."
+        else:
+            fix = f"Check that the images are in {root or 'the named folders'} and that the keys match their names."
+        raise UserError(f"{len(missing)} of {len(raw)} images in the metadata were not found: {listed}{more}",
+                        where=where, fix=fix)
+    if not records:
+        raise UserError("the metadata lists no images", where=where)
+    return records

@@ -1,0 +1,220 @@
+"""The dataset plan: every image of every subset with its size, bucket and resize, before any pixel
+is decoded. Built once at the start of a run (`build_plan`), printed by --dry_run, consumed by the
+latent cache, the sampler and the loader. No torch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sdtune.data.buckets import BucketRule, Size
+from sdtune.data.images import BadImage, read_size
+from sdtune.data.metadata import load_records
+from sdtune.data.options import DatasetOptions
+from sdtune.data.toml_config import DatasetSpec, SubsetSpec, dataset_specs
+from sdtune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of one subset. `index` is stable for the run (its position in `plan.samples`)."""
+
+    index: int
+    subset: int
+    dataset: int
+    path: str
+    caption: str | None
+    tags: str | None
+    size: Size  # as displayed, after EXIF rotation
+    bucket: Size
+    resized: Size  # cover size before the crop
+
+
+@dataclass
+class DatasetPlan:
+    datasets: list[DatasetSpec]
+    subsets: list[SubsetSpec]
+    samples: list[Sample]
+    seed: int
+    options: DatasetOptions
+    # Images left out, with the reason: unreadable, too small, failed to encode.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    excluded: set[int] = field(default_factory=set)
+
+    # -- structure --------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> list[Sample]:
+        return [s for s in self.samples if s.index not in self.excluded]
+
+    def groups(self) -> dict[tuple[int, Size], list[int]]:
+        """(dataset, bucket) -> sample indices (without repeats), in a stable order."""
+        out: dict[tuple[int, Size], list[int]] = defaultdict(list)
+        for s in self.active:
+            out[(s.dataset, s.bucket)].append(s.index)
+        return dict(sorted(out.items()))
+
+    def repeats(self, sample: Sample) -> int:
+        return self.subsets[sample.subset].num_repeats
+
+    def total_samples(self) -> int:
+        """Samples per epoch, repeats included."""
+        return sum(self.repeats(s) for s in self.active)
+
+    def total_batches(self) -> int:
+        n = 0
+        for (d, _bucket), indices in self.groups().items():
+            count = sum(self.repeats(self.samples[i]) for i in indices)
+            n += math.ceil(count / self.datasets[d].batch_size)
+        return n
+
+    def batches_per_epoch(self, num_processes: int = 1) -> int:
+        """Batches each process gets per epoch (the remainder that cannot go to every rank is dropped)."""
+        return self.total_batches() // num_processes
+
+    def steps_per_epoch(self, num_processes: int = 1, gradient_accumulation_steps: int = 1) -> int:
+        return math.ceil(self.batches_per_epoch(num_processes) / gradient_accumulation_steps)
+
+    def check_fill(self, num_processes: int = 1, gradient_accumulation_steps: int = 1) -> None:
+        """A UserError when one optimizer step cannot be filled from an epoch of data."""
+        batch = max(d.batch_size for d in self.datasets)
+        need = batch * num_processes * gradient_accumulation_steps
+        have = self.total_samples()
+        if have < need or self.batches_per_epoch(num_processes) == 0:
+            raise UserError(
+                f"the dataset has {have} samples per epoch (repeats included) in {len(self.groups())} buckets, but one "
+                f"optimizer step needs batch size {batch} x {num_processes} processes x {gradient_accumulation_steps} "
+                f"accumulation steps = {need}",
+                where=str(self.options.dataset_config or self.options.in_json),
+                fix="Add images, raise num_repeats / --dataset_repeats, or lower the batch size, process count or "
+                    "--gradient_accumulation_steps.")
+
+    def without(self, failures: dict[int, str]) -> "DatasetPlan":
+        """The plan without samples that failed later (e.g. could not be decoded for caching)."""
+        skipped = self.skipped + [(self.samples[i].path, reason) for i, reason in failures.items()]
+        return replace(self, skipped=skipped, excluded=self.excluded | set(failures))
+
+    def caption_options(self, sample: Sample) -> dict[str, Any]:
+        return self.subsets[sample.subset].caption_options
+
+    # -- reporting --------------------------------------------------------------------------------
+
+    def summary(self, num_processes: int = 1, gradient_accumulation_steps: int = 1) -> str:
+        lines = []
+        for d in self.datasets:
+            rule = _rule(d)
+            lines.append(f"dataset {d.index} ({d.where}): batch size {d.batch_size}; {rule.describe()}")
+            for s in d.subsets:
+                n = sum(1 for x in self.active if x.subset == s.index)
+                extras = [k for k in ("flip_aug", "color_aug", "random_crop") if getattr(s, k)]
+                lines.append(f"  subset {s.index}: {n} images x {s.num_repeats} repeats from {s.metadata_file}"
+                             + (f" ({', '.join(extras)})" if extras else ""))
+            lines.append("  bucket       images  samples  batches")
+            for (di, bucket), indices in self.groups().items():
+                if di != d.index:
+                    continue
+                count = sum(self.repeats(self.samples[i]) for i in indices)
+                bar = "#" * max(1, round(30 * count / max(1, self.total_samples())))
+                lines.append(f"  {bucket[0]:>4}x{bucket[1]:<5} {len(indices):>7}  {count:>7}  "
+                             f"{math.ceil(count / d.batch_size):>7}  {bar}")
+        lines.append(f"{len(self.active)} images, {self.total_samples()} samples per epoch, {self.total_batches()} batches; "
+                     f"with {num_processes} process(es) and {gradient_accumulation_steps} accumulation step(s): "
+                     f"{self.batches_per_epoch(num_processes)} batches and "
+                     f"{self.steps_per_epoch(num_processes, gradient_accumulation_steps)} optimizer steps per epoch")
+        crops = [s for s in self.active if _crop_fraction(s) > 0.25]
+        if crops:
+            lines.append(f"{len(crops)} images lose more than 25% of their area to cropping (extreme aspect "
+                         f"ratios), e.g. {crops[0].path} {crops[0].size[0]}x{crops[0].size[1]} -> "
+                         f"{crops[0].bucket[0]}x{crops[0].bucket[1]}")
+        if self.skipped:
+            reasons = Counter(r.split(" (")[0] for _p, r in self.skipped)
+            lines.append(f"{len(self.skipped)} images skipped: "
+                         + ", ".join(f"{n} {r}" for r, n in reasons.most_common()))
+        return "\n".join(lines)
+
+
+def _crop_fraction(s: Sample) -> float:
+    return 1.0 - (s.bucket[0] * s.bucket[1]) / (s.resized[0] * s.resized[1])
+
+
+def _rule(d: DatasetSpec) -> BucketRule:
+    return BucketRule(d.resolution, enable_bucket=d.enable_bucket, min_size=d.min_bucket_reso,
+                      max_size=d.max_bucket_reso, step=d.bucket_reso_steps, no_upscale=d.bucket_no_upscale)
+
+
+def _sizes(paths: list[Path], workers: int) -> list[Size | BadImage]:
+    def one(p: Path) -> Size | BadImage:
+        try:
+            return read_size(p)
+        except BadImage as exc:
+            return exc
+
+    if len(paths) < 64 or workers <= 1:
+        return [one(p) for p in paths]
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(tqdm(pool.map(one, paths), total=len(paths), desc="reading image sizes", unit="img",
+                         leave=False, disable=None))
+
+
+def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | Size | None = None,
+               warn=None) -> DatasetPlan:
+    """Read the dataset config (or --in_json), every metadata file and every image header.
+
+    Unreadable or too-small images are skipped and listed in `plan.skipped` (an error under
+    --strict). `warn(str)` receives one line per skipped image (default: stderr).
+    """
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    if options.caches_latents and (options.color_aug or options.random_crop):
+        _refuse_cached_aug("the command line", options.color_aug)
+    specs = dataset_specs(options, default_resolution=default_resolution)
+    subsets = [s for d in specs for s in d.subsets]
+    for s in subsets:
+        if options.caches_latents and (s.color_aug or s.random_crop):
+            _refuse_cached_aug(s.where, s.color_aug)
+    samples: list[Sample] = []
+    skipped: list[tuple[str, str]] = []
+    for d in specs:
+        rule = _rule(d)
+        for s in d.subsets:
+            records = load_records(s.metadata_file, s.image_dir)
+            need = [r.path for r in records if r.image_size is None]
+            read = dict(zip(need, _sizes(need, min(8, max(1, options.max_data_loader_n_workers)))))
+            for r in records:
+                size = r.image_size or read[r.path]
+                if isinstance(size, BadImage):
+                    _skip(skipped, str(r.path), size.reason, options.strict, warn)
+                    continue
+                assigned = rule.assign(size)
+                if assigned is None:
+                    _skip(skipped, str(r.path), f"too small ({size[0]}x{size[1]}) for a bucket of step "
+                          f"{d.bucket_reso_steps}", options.strict, warn)
+                    continue
+                bucket, resized = assigned
+                samples.append(Sample(len(samples), s.index, d.index, str(r.path), r.caption, r.tags, size, bucket,
+                                      resized))
+    if not samples:
+        raise UserError("no usable images in the dataset", where=str(options.dataset_config or options.in_json),
+                        fix="See the warnings above.")
+    return DatasetPlan(specs, subsets, samples, seed, options, skipped)
+
+
+def _skip(skipped: list, path: str, reason: str, strict: bool, warn) -> None:
+    if strict:
+        raise UserError(f"bad image: {reason}", where=path, fix="Fix or remove it, or drop --strict to skip it.")
+    skipped.append((path, reason))
+    warn(f"{path}: {reason}; skipped")
+
+
+def _refuse_cached_aug(where: str, color: bool) -> None:
+    what = "color_aug" if color else "random_crop"
+    raise UserError(f"{what} changes the pixels at every step, so its latents cannot be cached", where=where,
+                    fix=f"Drop {what}, or drop --cache_latents / --cache_latents_to_disk (the VAE then encodes "
+                        "in each step).")
