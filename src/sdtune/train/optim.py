@@ -1,0 +1,372 @@
+"""Optimizers, parameter groups and learning-rate schedules.
+
+    groups = build_param_groups(unet, text_encoder if opts.train_text_encoder else None,
+                                learning_rate=opts.learning_rate, learning_rate_te=opts.learning_rate_te)
+    optimizer = build_optimizer(resolve_optimizer_name(opts.optimizer_type, opts.use_8bit_adam,
+                                                       opts.use_lion_optimizer),
+                                groups, opts.learning_rate, opts.optimizer_args)
+    scheduler = build_lr_scheduler(opts.lr_scheduler, optimizer, warmup=opts.lr_warmup_steps,
+                                   total_steps=max_steps, num_processes=accelerator.num_processes, ...)
+    ...
+    with eval_weights(optimizer):   # schedule-free optimizers: sample and save the averaged weights
+        sample(); save()
+
+The optimizer names are sd-scripts' (case-insensitive), so its command lines work unchanged; any
+other name is a class path ("torch.optim.RAdam", "mypkg.MyOpt") or a bare `torch.optim` class name.
+Optional packages (bitsandbytes, lion-pytorch, prodigyopt, schedulefree, dadaptation) are imported
+only when named, and a missing one is a UserError saying what to install.
+
+Learning-rate schedules come from diffusers (`get_scheduler`). Every step count is multiplied by the
+number of processes, because accelerate steps a prepared scheduler once per process for each
+optimizer step; sd-scripts forgets this for integer warm-ups (its bug #19), which shortens the
+warm-up on N GPUs by a factor N.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+from sdtune.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+Note = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    module: str
+    cls: str
+    package: str | None = None  # pip name when it is not a core dependency
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+_BNB = "bitsandbytes"
+_DADAPT = "dadaptation"
+# sd-scripts' built-in names, lower-cased.
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec("torch.optim", "AdamW"),
+    "adamw8bit": OptimizerSpec("bitsandbytes.optim", "AdamW8bit", _BNB),
+    "pagedadamw": OptimizerSpec("bitsandbytes.optim", "PagedAdamW", _BNB),
+    "pagedadamw8bit": OptimizerSpec("bitsandbytes.optim", "PagedAdamW8bit", _BNB),
+    "pagedadamw32bit": OptimizerSpec("bitsandbytes.optim", "PagedAdamW32bit", _BNB),
+    "lion": OptimizerSpec("lion_pytorch", "Lion", "lion-pytorch"),
+    "lion8bit": OptimizerSpec("bitsandbytes.optim", "Lion8bit", _BNB),
+    "pagedlion8bit": OptimizerSpec("bitsandbytes.optim", "PagedLion8bit", _BNB),
+    "sgdnesterov": OptimizerSpec("torch.optim", "SGD", None, {"nesterov": True, "momentum": 0.9}),
+    "sgdnesterov8bit": OptimizerSpec("bitsandbytes.optim", "SGD8bit", _BNB, {"nesterov": True, "momentum": 0.9}),
+    "adafactor": OptimizerSpec("transformers.optimization", "Adafactor", None, {"relative_step": True}),
+    "prodigy": OptimizerSpec("prodigyopt", "Prodigy", "prodigyopt"),
+    "adamwschedulefree": OptimizerSpec("schedulefree", "AdamWScheduleFree", "schedulefree"),
+    "radamschedulefree": OptimizerSpec("schedulefree", "RAdamScheduleFree", "schedulefree"),
+    "sgdschedulefree": OptimizerSpec("schedulefree", "SGDScheduleFree", "schedulefree"),
+    "dadaptation": OptimizerSpec("dadaptation.experimental", "DAdaptAdamPreprint", _DADAPT),
+    "dadaptadampreprint": OptimizerSpec("dadaptation.experimental", "DAdaptAdamPreprint", _DADAPT),
+    "dadaptadagrad": OptimizerSpec("dadaptation", "DAdaptAdaGrad", _DADAPT),
+    "dadaptadam": OptimizerSpec("dadaptation", "DAdaptAdam", _DADAPT),
+    "dadaptadan": OptimizerSpec("dadaptation", "DAdaptAdan", _DADAPT),
+    "dadaptadanip": OptimizerSpec("dadaptation.experimental", "DAdaptAdanIP", _DADAPT),
+    "dadaptlion": OptimizerSpec("dadaptation", "DAdaptLion", _DADAPT),
+    "dadaptsgd": OptimizerSpec("dadaptation", "DAdaptSGD", _DADAPT),
+}
+OPTIMIZER_NAMES = ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion", "Lion8bit",
+                   "PagedLion8bit", "SGDNesterov", "SGDNesterov8bit", "Adafactor", "Prodigy", "AdamWScheduleFree",
+                   "RAdamScheduleFree", "SGDScheduleFree", "DAdaptation", "DAdaptAdamPreprint", "DAdaptAdaGrad",
+                   "DAdaptAdam", "DAdaptAdan", "DAdaptAdanIP", "DAdaptLion", "DAdaptSGD")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def resolve_optimizer_name(optimizer_type: str | None, use_8bit_adam: bool = False, use_lion_optimizer: bool = False) -> str:
+    """--optimizer_type with sd-scripts' legacy switches folded in; None means AdamW."""
+    legacy = [flag for flag, on in (("--use_8bit_adam", use_8bit_adam), ("--use_lion_optimizer", use_lion_optimizer)) if on]
+    if len(legacy) > 1:
+        raise UserError("--use_8bit_adam and --use_lion_optimizer contradict each other", fix="Use --optimizer_type instead.")
+    if legacy and optimizer_type:
+        raise UserError(f"{legacy[0]} contradicts --optimizer_type {optimizer_type}", where=legacy[0],
+                        fix="Keep only --optimizer_type.")
+    if use_8bit_adam:
+        return "AdamW8bit"
+    if use_lion_optimizer:
+        return "Lion"
+    return optimizer_type or "AdamW"
+
+
+# ---------------------------------------------------------------- parameter groups
+
+
+def _trainable(module_or_params: Any) -> list["torch.nn.Parameter"]:
+    params = module_or_params.parameters() if hasattr(module_or_params, "parameters") else module_or_params
+    return [p for p in params if p.requires_grad]
+
+
+def build_param_groups(unet: Any, text_encoder: Any = None, *, learning_rate: float,
+                       learning_rate_te: float | None = None) -> list[dict[str, Any]]:
+    """The U-Net's trainable parameters at `learning_rate`; the text encoder's (when trained) at
+    `learning_rate_te`, which defaults to the U-Net's. Modules or iterables of parameters."""
+    if text_encoder is None and learning_rate_te is not None:
+        raise UserError("the text encoder is not trained, so its learning rate would be ignored", where="--learning_rate_te",
+                        fix="Add --train_text_encoder, or drop --learning_rate_te.")
+    groups = [{"params": _trainable(unet), "lr": learning_rate, "name": "unet"}]
+    if text_encoder is not None:
+        te_lr = learning_rate if learning_rate_te is None else learning_rate_te
+        groups.append({"params": _trainable(text_encoder), "lr": te_lr, "name": "text_encoder"})
+    for group in groups:
+        if not group["params"]:
+            raise UserError(f"the {group['name'].replace('_', ' ')} has no trainable parameters")
+    return groups
+
+
+# ---------------------------------------------------------------- optimizer
+
+
+_BARE_WORD = re.compile(r"^[A-Za-z_][\w.\-]*$")
+
+
+def parse_optimizer_args(items: Iterable[str]) -> dict[str, Any]:
+    """`key=value` strings to keyword arguments; values are Python literals (`betas=(0.9,0.99)`,
+    `weight_decay=0.01`, `decouple=True`); true/false/none in any case and bare words are accepted."""
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key.isidentifier():
+            raise UserError(f"expected key=value, got {item!r}", where="--optimizer_args",
+                            fix="Write e.g. --optimizer_args weight_decay=0.01 betas=0.9,0.999")
+        if key in kwargs:
+            raise UserError(f"{key!r} is given twice", where="--optimizer_args")
+        if key == "lr":
+            raise UserError("the learning rate is not an optimizer argument", where="--optimizer_args",
+                            fix="Use --learning_rate (and --learning_rate_te).")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            lowered = text.lower()
+            if lowered in ("true", "false", "none"):
+                value = {"true": True, "false": False, "none": None}[lowered]
+            elif _BARE_WORD.match(text):
+                value = text  # a plain string option of a custom optimizer
+            else:
+                raise UserError(f"{key}={text!r} is not a Python literal", where="--optimizer_args",
+                                fix="Use numbers, True/False, tuples like 0.9,0.999, or quoted strings.") from None
+        kwargs[key] = value
+    return kwargs
+
+
+def _import_class(name: str, spec: OptimizerSpec | None) -> type:
+    import torch
+
+    if spec is not None:
+        module_name, cls_name = spec.module, spec.cls
+    elif "." in name:
+        module_name, _, cls_name = name.rpartition(".")
+    else:
+        module_name, cls_name = "torch.optim", name
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if spec is not None and spec.package:
+            raise UserError(f"{name} needs the {spec.package!r} package, which is not installed", where="--optimizer_type",
+                            fix=f"pip install {spec.package}") from None
+        raise UserError(f"cannot import {module_name!r} ({exc})", where="--optimizer_type",
+                        fix=f"Use one of {', '.join(OPTIMIZER_NAMES)}, or a class path like torch.optim.RAdam.") from None
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        from sdtune.config import suggest
+
+        hint = suggest(name, OPTIMIZER_NAMES) if "." not in name else ""
+        raise UserError(f"unknown optimizer {name!r}{hint}", where="--optimizer_type",
+                        fix=f"Use one of {', '.join(OPTIMIZER_NAMES)}, or a class path like torch.optim.RAdam.")
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise UserError(f"{module_name}.{cls_name} is not a torch optimizer class", where="--optimizer_type")
+    return cls
+
+
+def _accepted(cls: type) -> str:
+    try:
+        names = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+                 if n not in ("self", "params", "lr") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    except (TypeError, ValueError):
+        return ""
+    return f" {cls.__name__} accepts: {', '.join(names)}." if names else ""
+
+
+def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, optimizer_args: Iterable[str] = (),
+                    note: Note | None = print) -> "torch.optim.Optimizer":
+    """The optimizer `name` over `param_groups` (from build_param_groups), with `--optimizer_args`.
+
+    Adafactor's default `relative_step=True` makes it compute its own step size: the group learning
+    rates are removed (sd-scripts does the same, by rewriting its arguments) and build_lr_scheduler
+    then only accepts a constant schedule. Schedule-free optimizers are returned in train mode.
+    """
+    key = name.lower()
+    spec = OPTIMIZERS.get(key)
+    cls = _import_class(name, spec)
+    kwargs = dict(spec.defaults) if spec else {}
+    kwargs.update(parse_optimizer_args(optimizer_args))
+    groups = [dict(g) for g in param_groups]
+    group_lrs = {g.get("lr", lr) for g in groups}
+    relative_step = False
+    opt_lr: float | None = lr
+
+    if key == "adafactor":
+        if kwargs.get("warmup_init") and not kwargs.get("relative_step"):
+            raise UserError("warmup_init=True needs relative_step=True", where="--optimizer_args",
+                            fix="Drop warmup_init, or set relative_step=True.")
+        relative_step = bool(kwargs.get("relative_step"))
+        if relative_step:
+            if len(group_lrs) > 1:
+                raise UserError("Adafactor with relative_step=True sets its own step size, so --learning_rate_te "
+                                "would be ignored", where="--learning_rate_te",
+                                fix="Drop --learning_rate_te, or pass --optimizer_args relative_step=False "
+                                    "scale_parameter=False warmup_init=False.")
+            for g in groups:
+                g.pop("lr", None)
+            opt_lr = None
+            if note:
+                note(f"Adafactor with relative_step=True computes its own learning rate; --learning_rate {lr:g} is "
+                     "not used (pass --optimizer_args relative_step=False scale_parameter=False to use it)")
+    if (key.startswith("dadapt") or key == "prodigy") and note:
+        if lr <= 0.1:
+            note(f"{name} adapts the step size d and multiplies it by the learning rate; --learning_rate {lr:g} is "
+                 "unusually low for it (1.0 is the usual value)")
+        if len(group_lrs) > 1:
+            note(f"{name}: the text encoder's learning rate multiplies the same adapted step size d")
+
+    try:
+        optimizer = cls(groups, lr=opt_lr, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"{cls.__name__} rejected the arguments ({exc}).{_accepted(cls)}", where="--optimizer_args") from None
+    except ValueError as exc:
+        raise UserError(f"{cls.__name__} rejected the arguments ({exc})", where="--optimizer_args") from None
+    if relative_step:
+        optimizer.sdtune_initial_lr = lr  # only for the schedule's first logged value
+    optimizer_train_mode(optimizer)
+    return optimizer
+
+
+def is_relative_step_adafactor(optimizer: Any) -> bool:
+    inner = _unwrap(optimizer)
+    return type(inner).__name__ == "Adafactor" and bool(inner.defaults.get("relative_step"))
+
+
+# ---------------------------------------------------------------- schedule-free: train / eval weights
+
+
+def _unwrap(optimizer: Any) -> Any:
+    """The optimizer under accelerate's (or DeepSpeed's) wrappers."""
+    seen = 0
+    while hasattr(optimizer, "optimizer") and seen < 4:
+        optimizer = optimizer.optimizer
+        seen += 1
+    return optimizer
+
+
+def is_schedule_free(optimizer: Any) -> bool:
+    """Optimizers that keep two sets of weights and switch with .train()/.eval() (schedulefree)."""
+    inner = _unwrap(optimizer)
+    return callable(getattr(inner, "train", None)) and callable(getattr(inner, "eval", None))
+
+
+def optimizer_train_mode(optimizer: Any) -> None:
+    """Parameters back to the training point (call after sampling/saving); a no-op for other optimizers."""
+    if is_schedule_free(optimizer):
+        _unwrap(optimizer).train()
+
+
+def optimizer_eval_mode(optimizer: Any) -> None:
+    """Parameters to the averaged weights schedule-free methods evaluate and save; a no-op for others."""
+    if is_schedule_free(optimizer):
+        _unwrap(optimizer).eval()
+
+
+@contextlib.contextmanager
+def eval_weights(optimizer: Any) -> Iterator[None]:
+    """Sample and save inside this block: schedule-free optimizers show their averaged weights there."""
+    optimizer_eval_mode(optimizer)
+    try:
+        yield
+    finally:
+        optimizer_train_mode(optimizer)
+
+
+# ---------------------------------------------------------------- learning-rate schedule
+
+
+def resolve_warmup(warmup: float | int | str | None, total_steps: int) -> int:
+    """Warm-up in optimizer steps: a count, a fraction < 1 of `total_steps`, or "N%" (as sd-scripts)."""
+    if warmup is None:
+        return 0
+    if isinstance(warmup, str):
+        text = warmup.strip()
+        try:
+            warmup = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise UserError(f"{text!r} is not a number or percentage", where="--lr_warmup_steps") from None
+    if warmup < 0:
+        raise UserError(f"must be >= 0, got {warmup:g}", where="--lr_warmup_steps")
+    if warmup < 1:
+        return int(warmup * total_steps)
+    if warmup != int(warmup):
+        raise UserError(f"{warmup:g} is neither a step count nor a fraction below 1", where="--lr_warmup_steps",
+                        fix="Give a whole number of steps, or a fraction like 0.05.")
+    steps = int(warmup)
+    if steps > total_steps:
+        raise UserError(f"{steps} warm-up steps exceed the {total_steps} training steps", where="--lr_warmup_steps",
+                        fix="Lower it, or give a fraction like 0.05.")
+    return steps
+
+
+def build_lr_scheduler(name: str, optimizer: "torch.optim.Optimizer", *, warmup: float | int | str | None = 0,
+                       total_steps: int, num_processes: int = 1, num_cycles: int | None = None,
+                       power: float | None = None, note: Note | None = print):
+    """diffusers' schedule `name`, in optimizer steps; pass it to `accelerator.prepare` with the optimizer.
+
+    `num_processes` must be the accelerate world size: the prepared scheduler advances that many
+    times per optimizer step, so warm-up and total are scaled by it here.
+    """
+    if name not in LR_SCHEDULERS:
+        raise UserError(f"unknown schedule {name!r}", where="--lr_scheduler", fix=f"Use one of {', '.join(LR_SCHEDULERS)}.")
+    if total_steps < 1 or num_processes < 1:
+        raise ValueError("total_steps and num_processes must be >= 1")
+    if num_cycles is not None and name != "cosine_with_restarts":
+        raise UserError(f"only acts with --lr_scheduler cosine_with_restarts, not {name}", where="--lr_scheduler_num_cycles")
+    if power is not None and name != "polynomial":
+        raise UserError(f"only acts with --lr_scheduler polynomial, not {name}", where="--lr_scheduler_power")
+    if num_cycles is not None and num_cycles < 1:
+        raise UserError(f"must be >= 1, got {num_cycles}", where="--lr_scheduler_num_cycles")
+    warmup_steps = resolve_warmup(warmup, total_steps)
+    if warmup_steps and name == "constant":
+        raise UserError("--lr_scheduler constant has no warm-up", where="--lr_warmup_steps",
+                        fix="Use --lr_scheduler constant_with_warmup, or drop --lr_warmup_steps.")
+
+    if is_relative_step_adafactor(optimizer):
+        if name != "constant" or warmup_steps:
+            raise UserError(f"Adafactor with relative_step=True computes its own learning rate, so --lr_scheduler {name} "
+                            "and --lr_warmup_steps would be ignored", where="--lr_scheduler",
+                            fix="Use --lr_scheduler constant, or pass --optimizer_args relative_step=False "
+                                "scale_parameter=False warmup_init=False.")
+        from transformers.optimization import AdafactorSchedule
+
+        # a proxy that reports Adafactor's own step size for logging; stepping it changes nothing
+        return AdafactorSchedule(_unwrap(optimizer), getattr(_unwrap(optimizer), "sdtune_initial_lr", 0.0))
+
+    if is_schedule_free(optimizer) and (name != "constant" or warmup_steps) and note:
+        note(f"schedule-free optimizers are designed for a constant learning rate; --lr_scheduler {name} still "
+             "scales it (their own warm-up is --optimizer_args warmup_steps=N)")
+
+    from diffusers.optimization import get_scheduler
+
+    try:
+        return get_scheduler(name, _unwrap(optimizer), num_warmup_steps=warmup_steps * num_processes,
+                             num_training_steps=total_steps * num_processes,
+                             num_cycles=1 if num_cycles is None else int(num_cycles),
+                             power=1.0 if power is None else float(power))
+    except ValueError as exc:  # e.g. polynomial decay with a learning rate below its end value 1e-7
+        raise UserError(f"cannot build the {name} schedule ({exc})", where="--lr_scheduler") from None
