@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sdtune import checkpoint
     from sdtune.testing import build_tiny_model, make_dataset
-    from sdtune.train.command import TrainOptions
+    from sdtune.train.options import TrainOptions
     from sdtune.train.loop import train
 
     print(f"1/3 building a tiny random {args.family} model and {args.images} synthetic images in {root}/")

@@ -20,6 +20,7 @@ numbers, dicts), no open files, lambdas or modules.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 from sdtune.data.images import BadImage, prepare
@@ -112,6 +113,8 @@ def make_loader(plan: DatasetPlan, sampler: BucketBatchSampler, cache=None, *, n
 
     opts = plan.options
     workers = opts.max_data_loader_n_workers if num_workers is None else num_workers
+    # sd-scripts' default is 8 workers; more processes than cores only adds start-up time and memory.
+    workers = min(workers, os.cpu_count() or 1)
     if cache is not None and cache.memory:
         workers = 0
     persistent = (opts.persistent_data_loader_workers if persistent_workers is None else persistent_workers) and workers > 0

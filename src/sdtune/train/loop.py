@@ -1,8 +1,8 @@
-"""The training loop, top to bottom: load, data, optimizer, steps, save.
+"""The training loop, top to bottom: model, data, text, optimizer, resume, steps, saves.
 
-Built on accelerate (multi-GPU and multi-process CPU through `accelerate launch`). All randomness
-comes from generators derived from (seed, step, rank), never from the global RNG, so the same seed
-gives the same run.
+Built on accelerate (multi-GPU and multi-process CPU through `accelerate launch`). Every random draw
+comes from a generator derived from (seed, epoch, batch, rank) — never the global RNG — so the same
+seed gives the same run and a resumed run continues with the very numbers an uninterrupted one draws.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdtune.errors import UserError
-from sdtune.train.options import BaseTrainOptions
+from sdtune.train.options import TrainOptions
 
 
 @dataclass
@@ -23,204 +22,301 @@ class TrainResult:
     final_loss: float
     seconds: float
     outputs: list[Path] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)   # one per optimizer step (mean over its micro-batches)
+    stopped: bool = False
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (SplitMix64 mixing), so nearby tuples give unrelated streams."""
-    x = 0x9E3779B97F4A7C15
-    for p in parts:
-        x ^= (p + 0x9E3779B97F4A7C15 + (x << 6) + (x >> 2)) & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 31
-    return x & 0x7FFFFFFFFFFFFFFF
-
-
-def make_accelerator(opts: BaseTrainOptions):
+def train(opts: TrainOptions) -> TrainResult:
     import torch
-    from accelerate import Accelerator
-
-    on_gpu = torch.cuda.is_available()
-    precision = opts.mixed_precision
-    if precision == "fp16" and not on_gpu:
-        print("note: fp16 mixed precision needs a CUDA GPU; training in float32 on the CPU instead (use bf16 for CPU mixed precision)")
-        precision = "no"
-    return Accelerator(gradient_accumulation_steps=opts.gradient_accumulation_steps, mixed_precision=precision,
-                       cpu=not on_gpu)
-
-
-def make_optimizer(opts: BaseTrainOptions, params):
-    import ast
-
-    import torch
-
-    kwargs = {}
-    for item in opts.optimizer_args:
-        key, value = item.split("=", 1)
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value
-    name = opts.effective_optimizer
-    if name.lower() == "adamw":
-        cls = torch.optim.AdamW
-    elif name.lower() == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("AdamW8bit needs bitsandbytes", where="--optimizer_type",
-                            fix="pip install 'sdtune[bnb]', or use --optimizer_type AdamW.") from None
-        cls = bnb.optim.AdamW8bit
-    else:
-        raise UserError(f"optimizer {name!r} is not supported yet", where="--optimizer_type", fix="Use AdamW or AdamW8bit.")
-    try:
-        return cls(params, lr=opts.learning_rate, **kwargs)
-    except TypeError as exc:
-        raise UserError(f"bad optimizer argument ({exc})", where="--optimizer_args") from None
-
-
-def epoch_order(n: int, seed: int, epoch: int):
-    import numpy as np
-
-    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
-
-
-def train(opts: BaseTrainOptions) -> TrainResult:
-    import torch
-    import torch.nn.functional as F
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
     from sdtune import checkpoint
+    from sdtune.checkpoint import build_modelspec
     from sdtune.console import quiet_libraries
-    from sdtune.train import simple_data
+    from sdtune.data import BucketBatchSampler, build_plan, ensure_latent_cache, make_loader, sample_latents
+    from sdtune.data.options import parse_resolution
+    from sdtune.text import CaptionOptions, TextConditioner, build_caption, process_caption
+    from sdtune.train import logs, optim, sampling, state
+    from sdtune.train.ema import EMA
+    from sdtune.families import SD1
+    from sdtune.train.noise import DiffusionObjective
+    from sdtune.train.plan import peek_family
+    from sdtune.train.prompts import load_prompts
+    from sdtune.train.saving import SavePolicy, epoch_stem, step_stem
+    from sdtune.train.setup import (StopRequest, compute_copy, configure_attention, derive_seed, diverged,
+                                    make_accelerator, mem_eff_context, save_trained, weight_dtype)
 
     quiet_libraries()
-
-    accelerator = make_accelerator(opts)
+    started = time.time()
+    accelerator = make_accelerator(opts, print)
     main = accelerator.is_main_process
-    seed = opts.effective_seed
+    note = print if main else (lambda *a, **k: None)
+    seed, world, rank = opts.effective_seed, accelerator.num_processes, accelerator.process_index
+    device, accum = accelerator.device, opts.gradient_accumulation_steps
+    options_dict = opts.model_dump(mode="json")
+    if opts.resume:  # refuse a mismatched resume before any expensive work
+        state.check_compatible(state.read_state(opts.resume), options_dict, opts.resume_allow_changes, opts.resume)
+    schedule = sampling.SampleSchedule(opts.sample_every_n_steps, opts.sample_every_n_epochs, opts.sample_at_first)
+    for line in sampling.check_sampling_options(opts.sample_prompts, opts.sample_every_n_steps,
+                                                opts.sample_every_n_epochs, opts.sample_at_first):
+        note(f"note: {line}")
+    prompts = load_prompts(opts.sample_prompts) if opts.sample_prompts and schedule.enabled else []
 
-    # --- data (interim: one resolution, centre crop)
-    width = height = _resolution(opts)
-    samples = simple_data.read_samples(opts.in_json, opts.train_data_dir)
-    # --- model
+    # --- data first (cheap, and the likelier mistakes), then the model: float32 master weights
+    guess, _ = peek_family(opts.pretrained_model_name_or_path, opts.v2, opts.v_parameterization)
+    plan = build_plan(opts, seed=seed, default_resolution=(guess or SD1).resolution)
     model = checkpoint.load_model(opts.pretrained_model_name_or_path, v2=opts.v2 or None,
                                   v_parameterization=opts.v_parameterization or None,
-                                  use_ema_weights=opts.use_ema_weights)
-    if main:
-        print(f"model: {model.family.title} — {model.detection or model.source}")
-    unet, vae, text_encoder, tokenizer = model.unet, model.vae, model.text_encoder, model.tokenizer
-    noise_scheduler = model.noise_scheduler()
-    vae.requires_grad_(False).eval()
-    text_encoder.requires_grad_(False).eval()
-    unet.requires_grad_(True).train()
+                                  use_ema_weights=opts.use_ema_weights, dtype=torch.float32, verbose=main)
+    if not opts.resolution and model.family.resolution != (guess or SD1).resolution:
+        plan = build_plan(opts, seed=seed, default_resolution=model.family.resolution)
+    plan.check_fill(world, accum)
+    # the objective owns the (possibly rescaled) noise schedule
+    objective = DiffusionObjective.from_options(opts, model.scheduler_config, model.family.prediction_type)
+    for line in objective.notes:
+        note(f"note: {line}")
+    compute_dtype = weight_dtype(accelerator)
+    vae_dtype = torch.float32 if opts.no_half_vae or device.type == "cpu" else compute_dtype
+    vae = compute_copy(model.vae.requires_grad_(False).eval(), device, vae_dtype)
+    cache = None
+    if opts.caches_latents:
+        shard = world > 1 and opts.cache_latents_to_disk
+        cache = ensure_latent_cache(plan, vae, device=device, rank=rank if shard else 0, world_size=world if shard else 1,
+                                    progress=main, log=note)
+        if shard:  # every rank needs the whole index: a second pass only reads what the others wrote
+            accelerator.wait_for_everyone()
+            cache = ensure_latent_cache(plan, vae, device=device, progress=False, log=lambda *a: None)
+        plan = cache.plan
+        if vae is not model.vae:
+            vae = None  # the compute copy leaves the accelerator; sampling uses the model's own VAE
+        else:
+            vae.to("cpu")
+    note(plan.summary(world, accum))
+
+    # --- text: the one path from caption to conditioning, shared with sampling
+    train_te = opts.train_text_encoder
+    text_encoder = model.text_encoder.requires_grad_(train_te)
+    text_encoder.train(train_te)
+    if train_te:
+        text_encoder.to(device)
+    else:
+        text_encoder = compute_copy(text_encoder.eval(), device, compute_dtype)
+    conditioner = TextConditioner(model.tokenizer, text_encoder, model.family, max_token_length=opts.max_token_length,
+                                  clip_skip=opts.clip_skip, weighted=opts.weighted_captions)
+    note(f"text: {conditioner.layer.description}")
+    caption_options = [CaptionOptions.from_dict(s.caption_options, where=f"subset {i + 1}") for i, s in enumerate(plan.subsets)]
+
+    # --- U-Net, optimizer, schedule
+    unet = model.unet.requires_grad_(True).to(device)
+    unet.train()
+    configure_attention(unet, opts, note)
     if opts.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    device = accelerator.device
-    vae.to(device)
-    text_encoder.to(device)
-
-    batch_size = opts.train_batch_size
-    world, rank = accelerator.num_processes, accelerator.process_index
-    batches_per_epoch = len(samples) // (batch_size * world)
-    if batches_per_epoch == 0:
-        raise UserError(f"{len(samples)} images cannot fill one batch of {batch_size} on {world} processes",
-                        fix="Lower --train_batch_size or add images.")
-    steps_per_epoch = max(1, batches_per_epoch // opts.gradient_accumulation_steps)
+        if train_te:
+            text_encoder.gradient_checkpointing_enable()
+    steps_per_epoch = plan.steps_per_epoch(world, accum)
     max_steps = opts.max_train_epochs * steps_per_epoch if opts.max_train_epochs else opts.max_train_steps
     epochs = math.ceil(max_steps / steps_per_epoch)
+    groups = optim.build_param_groups(unet, text_encoder if train_te else None, learning_rate=opts.learning_rate,
+                                      learning_rate_te=opts.learning_rate_te)
+    optimizer = optim.build_optimizer(opts.effective_optimizer, groups, opts.learning_rate, opts.optimizer_args, note=note)
+    lr_scheduler = optim.build_lr_scheduler(opts.lr_scheduler, optimizer, warmup=opts.lr_warmup_steps,
+                                            total_steps=max_steps, num_processes=world,
+                                            num_cycles=opts.lr_scheduler_num_cycles, power=opts.lr_scheduler_power)
+    if train_te:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+        conditioner.text_encoder = text_encoder
+        trained = [unet, text_encoder]
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        trained = [unet]
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    ema = EMA(accelerator.unwrap_model(unet), opts.ema_decay, opts.ema_update_every,
+              device="cpu" if opts.ema_cpu else None) if opts.ema else None
 
-    # --- optimizer and schedule
-    optimizer = make_optimizer(opts, [p for p in unet.parameters() if p.requires_grad])
-    warmup = opts.lr_warmup_steps
-    warmup_steps = int(warmup * max_steps) if 0 < warmup < 1 else int(warmup)
-    # accelerate steps a prepared scheduler once per process, so counts are scaled by the world size
-    # (sd-scripts forgets this for integer warm-ups: its bug #19).
-    lr_scheduler = get_scheduler(opts.lr_scheduler, optimizer, num_warmup_steps=warmup_steps * world,
-                                 num_training_steps=max_steps * world)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    # --- resume
+    position = state.Position()
+    if opts.resume:
+        position = state.load_state(accelerator, opts.resume, ema)
+        note(f"resumed from {opts.resume}: step {position.global_step}, epoch {position.epoch + 1}, batch {position.batch}")
 
-    if main:
-        print(f"data: {len(samples)} images at {width}x{height}, batch {batch_size} x {world} processes "
-              f"x {opts.gradient_accumulation_steps} accumulation; {steps_per_epoch} steps/epoch, "
-              f"{max_steps} steps, {epochs} epochs")
+    # --- outputs
+    name = opts.output_name or "last"
+    out_dir = Path(opts.output_dir)
+    policy = SavePolicy(name, out_dir, opts.save_format, opts.save_every_n_epochs, opts.save_every_n_steps,
+                        opts.save_last_n_epochs, opts.save_last_n_steps, opts.save_last_n_epochs_state,
+                        opts.save_last_n_steps_state, opts.save_state)
+    resolution = parse_resolution(opts.resolution, "--resolution") if opts.resolution else model.family.resolution
+    outputs: list[Path] = []
+    logger = logs.RunLogger(opts.logging_dir, opts.log_with, logs.default_run_name(opts.log_prefix),
+                            options_dict if opts.log_config else None, tracker_name=opts.log_tracker_name or "finetuning",
+                            init_kwargs=_tracker_init(opts, logs), wandb_api_key=opts.wandb_api_key) if main else None
 
-    def encode_text(captions: list[str]):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
-        with torch.no_grad():
-            return text_encoder(ids).last_hidden_state
+    def save(stem: str, step: int, epoch: int, *, final: bool = False) -> None:
+        accelerator.wait_for_everyone()
+        if main:
+            meta = build_modelspec(model.family, title=opts.metadata_title or stem, resolution=resolution,
+                                   clip_skip=opts.clip_skip, training={"steps": step, "epochs": epoch, "seed": seed,
+                                                                       "learning_rate": opts.learning_rate})
+            meta.update({f"modelspec.{k}": v for k, v in (("author", opts.metadata_author),
+                         ("description", opts.metadata_description), ("license", opts.metadata_license),
+                         ("tags", opts.metadata_tags)) if v})
+            u, t = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if train_te else model.text_encoder
+            with optim.eval_weights(optimizer):
+                outputs.append(save_trained(model, policy.model_path(stem), unet=u, text_encoder=t, opts=opts,
+                                            metadata=meta, ema=ema, use_ema=opts.save_ema))
+                if ema is not None and not opts.save_ema:
+                    save_trained(model, policy.model_path(stem + "-ema"), unet=u, text_encoder=t, opts=opts,
+                                 metadata=meta, ema=ema, use_ema=True)
+            note(f"saved {outputs[-1]}")
+        if opts.save_state and not final:
+            state.save_state(accelerator, policy.state_path(stem), position, options_dict, ema)
+        accelerator.wait_for_everyone()
 
-    scaling = vae.config.scaling_factor
-    losses: list[float] = []
-    start = time.time()
-    global_step = 0
-    bar = tqdm(total=max_steps, disable=not main, desc="steps", dynamic_ncols=True)
-    for epoch in range(epochs):
-        order = epoch_order(len(samples), seed, epoch)
-        for b in range(batches_per_epoch):
+    def sample(step: int, epoch: int | None = None) -> None:
+        if not prompts:
+            return
+        if main:
+            u = accelerator.unwrap_model(unet)
+            t = accelerator.unwrap_model(text_encoder) if train_te else model.text_encoder
+            snapshot = _replace(model, unet=u, text_encoder=t)
+            with optim.eval_weights(optimizer), mem_eff_context(opts):
+                files = sampling.sample_images(snapshot, conditioner, prompts, sampler=opts.sample_sampler,
+                                               out_dir=out_dir / "sample", name=name,
+                                               tag=sampling.sample_tag(step=step, epoch=epoch), device=device, seed=seed,
+                                               dtype=compute_dtype if compute_dtype != torch.float32 else None,
+                                               progress=False)
+            logger.log_images(step, "samples", list(files), [p.prompt for p in prompts])
+        accelerator.wait_for_everyone()
+
+    # --- the loop
+    sampler = BucketBatchSampler(plan, seed=seed, rank=rank, world_size=world)
+    loader = make_loader(plan, sampler, cache)
+    progress = logs.TrainProgress(max_steps, initial=position.global_step, disable=not main)
+    global_step, losses, micro, stopped = position.global_step, [], [], False
+    scaling = model.vae.config.scaling_factor
+    if schedule.at_start() and global_step == 0:
+        sample(0)
+    with StopRequest() as stop:
+        for epoch in range(position.epoch, epochs):
+            sampler.set_epoch(epoch, position.batch if epoch == position.epoch else 0)
+            epoch_losses = []
+            for batch in loader:
+                if not batch["indices"]:
+                    continue  # every image of this batch failed to load (reported by the loader)
+                gen = torch.Generator().manual_seed(derive_seed(seed, epoch, batch["position"], rank))
+                t0 = time.time()
+                with accelerator.accumulate(*trained):
+                    if cache is not None:
+                        latents = sample_latents(batch["latent_mean"].float(), batch["latent_logvar"].float(), gen)
+                        latents = latents.to(device) * scaling
+                    else:
+                        with torch.no_grad():
+                            dist = vae.encode(batch["images"].to(device, vae.dtype)).latent_dist
+                            eps = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
+                            latents = ((dist.mean + dist.std * eps) * scaling).float()
+                    captions = [process_caption(build_caption(c, t, caption_options[s]), caption_options[s], seed=seed,
+                                                epoch=epoch + 1, index=i, step=global_step, max_steps=max_steps)
+                                for c, t, s, i in zip(batch["captions"], batch["tags"], batch["subsets"], batch["indices"])]
+                    with torch.set_grad_enabled(train_te), accelerator.autocast():
+                        cond = conditioner.encode(captions)
+                    noise, timesteps, noisy = objective.noise_batch(latents, gen)
+                    with accelerator.autocast(), mem_eff_context(opts):
+                        pred = unet(noisy, timesteps, cond).sample
+                    loss = objective.loss(pred.float(), objective.target(latents, noise, timesteps).float(), timesteps)
+                    if not torch.isfinite(loss):
+                        raise diverged(global_step + 1, loss.item(), opts)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients and opts.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(params, opts.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro.append(loss.detach().item())
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                step_loss = sum(micro) / len(micro)
+                micro.clear()
+                losses.append(step_loss)
+                epoch_losses.append(step_loss)
+                position = state.Position(global_step, epoch, batch["position"] + 1)
+                if ema is not None:
+                    ema.update(accelerator.unwrap_model(unet), global_step)
+                lr = lr_scheduler.get_last_lr()[0]
+                mean = progress.update(step_loss, lr=lr, epoch=epoch + 1)
+                if main:
+                    values = {"loss/current": step_loss, "loss/average": mean, "lr/unet": lr,
+                              "time/step_seconds": time.time() - t0}
+                    if grad_norm is not None:
+                        values["grad_norm"] = float(grad_norm)
+                    if train_te:
+                        values["lr/text_encoder"] = lr_scheduler.get_last_lr()[-1]
+                    logger.log(global_step, values)
+                if schedule.after_step(global_step):
+                    sample(global_step)
+                if policy.due_after_step(global_step, max_steps):
+                    save(step_stem(name, global_step), global_step, epoch + 1)
+                    if main:
+                        policy.prune_steps(global_step)
+                if _stop_everywhere(stop.requested, accelerator) or global_step >= max_steps:
+                    stopped = global_step < max_steps
+                    break
+            if stopped:
+                break
+            position = state.Position(global_step, epoch + 1, 0)
+            if main and epoch_losses:
+                logger.log(global_step, {"loss/epoch": sum(epoch_losses) / len(epoch_losses)})
+            if schedule.after_epoch(epoch + 1):
+                sample(global_step, epoch + 1)
+            if policy.due_after_epoch(epoch + 1, epochs) and global_step < max_steps:
+                save(epoch_stem(name, epoch + 1), global_step, epoch + 1)
+                if main:
+                    policy.prune_epochs(epoch + 1)
             if global_step >= max_steps:
                 break
-            first = (b * world + rank) * batch_size
-            items = [samples[i] for i in order[first:first + batch_size]]
-            pixels = torch.stack([simple_data.load_pixels(p, width, height) for p, _ in items]).to(device)
-            gen = torch.Generator().manual_seed(derive_seed(seed, epoch, b, rank))
-            with accelerator.accumulate(unet):
-                with torch.no_grad():
-                    posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
-                    eps = torch.randn(posterior.mean.shape, generator=gen).to(device, posterior.mean.dtype)
-                    latents = (posterior.mean + posterior.std * eps) * scaling
-                cond = encode_text([c for _, c in items])
-                noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          generator=gen).to(device)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                with accelerator.autocast():
-                    pred = unet(noisy, timesteps, cond).sample
-                target = noise if model.family.prediction_type == "epsilon" else noise_scheduler.get_velocity(
-                    latents, noise, timesteps)
-                loss = F.mse_loss(pred.float(), target.float())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and opts.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(unet.parameters(), opts.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach().item())
-            if accelerator.sync_gradients:
-                global_step += 1
-                bar.update(1)
-                window = losses[-50:]
-                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}",
-                                epoch=epoch + 1)
-        if global_step >= max_steps:
-            break
-    bar.close()
+    progress.close()
 
-    # --- save
-    accelerator.wait_for_everyone()
-    outputs = []
+    # --- the end: state on request or interruption, final model, summary
+    if stopped or opts.save_state_on_train_end:
+        state.save_state(accelerator, out_dir / f"{name}-state", position, options_dict, ema)
+        note(f"training state saved to {out_dir / f'{name}-state'} (continue with --resume)")
+    if not stopped:
+        save(name, global_step, position.epoch, final=True)
+    seconds = time.time() - started
     if main:
-        model.unet = accelerator.unwrap_model(unet)
-        path = opts.output_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"title": opts.metadata_title or opts.output_name or "last", "resolution": f"{width}x{height}",
-                    "steps": global_step, "epochs": epoch + 1}
-        outputs.append(checkpoint.save_model(model, path, fmt=opts.save_format, precision=opts.save_precision,
-                                             metadata=metadata))
-        print(f"saved: {outputs[-1]}")
+        report = conditioner.truncation_report()
+        if report.count:
+            note(str(report))
+        plot = logs.plot_loss(out_dir / f"{name}-loss.png", list(range(1, len(losses) + 1)), losses) if losses else None
+        logs.write_summary(out_dir / f"{name}-train_summary.json", options_dict, global_step, seconds,
+                           sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None, [str(p) for p in outputs],
+                           epochs=position.epoch, stopped=stopped, loss_plot=str(plot) if plot else None,
+                           family=model.family.name)
+        logger.close()
     accelerator.end_training()
-    return TrainResult(global_step, epoch + 1, losses[-1] if losses else float("nan"), time.time() - start, outputs, losses)
+    return TrainResult(global_step, position.epoch, losses[-1] if losses else float("nan"), seconds, outputs, losses,
+                       stopped)
 
 
-def _resolution(opts) -> int:
-    res = str(opts.resolution).split(",")
-    if len(res) == 2 and res[0].strip() != res[1].strip():
-        raise UserError("non-square resolutions need aspect-ratio bucketing, which is not implemented yet",
-                        where="--resolution")
-    value = int(res[0])
-    if value % 8:
-        raise UserError(f"{value} is not a multiple of 8", where="--resolution")
-    return value
+def _replace(model, **changes):
+    import dataclasses
+
+    return dataclasses.replace(model, **changes)
+
+
+def _tracker_init(opts: TrainOptions, logs) -> dict:
+    init = logs.load_tracker_config(opts.log_tracker_config) if opts.log_tracker_config else {}
+    if opts.wandb_run_name:
+        init.setdefault("wandb", {})["name"] = opts.wandb_run_name
+    return init
+
+
+def _stop_everywhere(requested: bool, accelerator) -> bool:
+    """All processes stop at the same step if any of them was asked to (they must save together)."""
+    if accelerator.num_processes == 1:
+        return requested
+    import torch
+
+    flag = torch.tensor([1.0 if requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="max").item())

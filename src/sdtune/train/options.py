@@ -1,6 +1,7 @@
 """The training command's options: sd-scripts' fine_tune.py flag names, typed and validated.
 
-Grouped by area (model, training, saving); `TrainOptions` combines them with the dataset options.
+Grouped by area (model, training, noise and loss, saving, EMA, logging); `TrainOptions` combines
+them with the dataset options of sdtune.data. No torch here.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Literal
 from pydantic import field_validator, model_validator
 
 from sdtune.config import Field, Options
+from sdtune.data.options import DatasetOptions
 
 SAVE_EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "diffusers": "", "diffusers_safetensors": ""}
 
@@ -31,25 +33,102 @@ class TrainingOptions(Options):
     gradient_accumulation_steps: int = Field(1, "micro-batches per optimizer step", group="Training", ge=1)
     max_grad_norm: float = Field(1.0, "clip the gradient norm to this (0 disables)", group="Training", ge=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", "mixed precision for the forward pass", group="Training")
-    optimizer_type: str = Field("AdamW", "optimizer (AdamW, AdamW8bit)", group="Training")
+    optimizer_type: str | None = Field(
+        None, "optimizer: AdamW, AdamW8bit, Lion, Lion8bit, SGDNesterov, SGDNesterov8bit, Adafactor, Prodigy, "
+        "AdamWScheduleFree, ... or a class path such as torch.optim.RAdam (default: AdamW)", group="Training")
     optimizer_args: list[str] = Field([], "optimizer arguments as key=value", group="Training", metavar="K=V")
     use_8bit_adam: bool = Field(False, "same as --optimizer_type AdamW8bit (needs bitsandbytes)", group="Training")
+    use_lion_optimizer: bool = Field(False, "same as --optimizer_type Lion (needs lion-pytorch)", group="Training")
+    train_text_encoder: bool = Field(False, "also train the text encoder", group="Training")
+    learning_rate_te: float | None = Field(None, "learning rate of the text encoder (default: --learning_rate)",
+                                           group="Training", gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = Field(
         "constant", "learning-rate schedule", group="Training")
-    lr_warmup_steps: float = Field(0, "warm-up steps (a count, or a fraction < 1 of the total steps)", group="Training", ge=0)
+    lr_warmup_steps: float | str = Field(0.0, "warm-up: a step count, a fraction < 1 of the steps, or 'N%'", group="Training")
+    lr_scheduler_num_cycles: int | None = Field(None, "cosine_with_restarts: number of cycles (default: 1)", group="Training", ge=1)
+    lr_scheduler_power: float | None = Field(None, "polynomial: power of the decay (default: 1.0)", group="Training", gt=0)
     gradient_checkpointing: bool = Field(False, "recompute activations in the backward pass to save memory", group="Training")
+    sdpa: bool = Field(False, "attention through torch's scaled_dot_product_attention (the default anyway)", group="Training")
+    xformers: bool = Field(False, "attention through xformers (falls back to torch SDPA, with a note, when not installed)",
+                           group="Training")
+    diffusers_xformers: bool = Field(False, "same as --xformers, through diffusers' hook", group="Training")
+    mem_eff_attn: bool = Field(False, "force SDPA's memory-efficient kernel (CUDA)", group="Training")
     clip_skip: int | None = Field(None, "condition on the text encoder's N-th layer from the end (2 = penultimate)", group="Training", ge=1)
     max_token_length: Literal[75, 150, 225] | None = Field(None, "caption length in tokens: 75, 150 or 225", group="Training")
-    logging_dir: str | None = Field(None, "write TensorBoard logs here", group="Training", metavar="DIR")
-    dry_run: bool = Field(False, "print the plan (model, buckets, steps) and exit without training", group="Training")
+    weighted_captions: bool = Field(False, "read A1111 weights in captions: (word:1.2), (word), [word]", group="Training")
 
     @field_validator("optimizer_args")
     @classmethod
     def _kv(cls, value: list[str]) -> list[str]:
-        for item in value:
-            if "=" not in item:
-                raise ValueError(f"expected key=value, got {item!r}")
+        from sdtune.train.optim import parse_optimizer_args
+
+        parse_optimizer_args(value)
         return value
+
+
+class NoiseLossOptions(Options):
+    noise_offset: float | None = Field(None, "offset noise strength, e.g. 0.05 (learns overall brightness)", group="Noise and loss", ge=0)
+    noise_offset_random_strength: bool = Field(False, "use noise_offset * U(0,1), one draw per batch", group="Noise and loss")
+    adaptive_noise_scale: float | None = Field(None, "add this x |mean of the latents| to --noise_offset, per image and channel", group="Noise and loss")
+    multires_noise_iterations: int | None = Field(None, "levels of multires (pyramid) noise, e.g. 6", group="Noise and loss", ge=1)
+    multires_noise_discount: float | None = Field(None, "weight factor per pyramid level (default: 0.3)", group="Noise and loss", gt=0, le=1)
+    ip_noise_gamma: float | None = Field(None, "input perturbation strength, e.g. 0.1 (the target keeps the plain noise)", group="Noise and loss", ge=0)
+    ip_noise_gamma_random_strength: bool = Field(False, "use ip_noise_gamma * U(0,1), one draw per batch", group="Noise and loss")
+    min_timestep: int | None = Field(None, "lowest training timestep (default: 0)", group="Noise and loss", ge=0, le=999)
+    max_timestep: int | None = Field(None, "train timesteps below this (default: 1000)", group="Noise and loss", ge=0, le=1000)
+    zero_terminal_snr: bool = Field(False, "rescale the noise schedule to zero SNR at the last step (for v-prediction)", group="Noise and loss")
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = Field("l2", "loss function", group="Noise and loss")
+    huber_schedule: Literal["constant", "exponential", "snr"] | None = Field(None, "how the Huber threshold follows the timestep (default: snr)", group="Noise and loss")
+    huber_c: float | None = Field(None, "Huber threshold (default: 0.1)", group="Noise and loss", gt=0)
+    huber_scale: float | None = Field(None, "Huber threshold scale (default: 1.0)", group="Noise and loss", gt=0)
+    min_snr_gamma: float | None = Field(None, "min-SNR loss weighting, e.g. 5", group="Noise and loss", gt=0)
+    scale_v_pred_loss_like_noise_pred: bool = Field(False, "v-prediction: weight the loss by SNR/(SNR+1) like an epsilon loss", group="Noise and loss")
+    v_pred_like_loss: float | None = Field(None, "epsilon models: add a v-prediction-like loss term of this weight", group="Noise and loss", gt=0)
+    debiased_estimation_loss: bool = Field(False, "weight the loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1))", group="Noise and loss")
+
+
+class RunOptions(Options):
+    save_every_n_epochs: int | None = Field(None, "save the model every N epochs", group="Saving", ge=1)
+    save_every_n_steps: int | None = Field(None, "save the model every N steps", group="Saving", ge=1)
+    save_last_n_epochs: int | None = Field(None, "keep only the last N epoch saves", group="Saving", ge=1)
+    save_last_n_steps: int | None = Field(None, "keep only the step saves of the last N steps", group="Saving", ge=1)
+    save_state: bool = Field(False, "write the training state (for --resume) next to each save", group="Saving")
+    save_state_on_train_end: bool = Field(False, "write the training state at the end of training", group="Saving")
+    save_last_n_epochs_state: int | None = Field(None, "keep only the last N epoch states (default: as models)", group="Saving", ge=1)
+    save_last_n_steps_state: int | None = Field(None, "keep only the states of the last N steps (default: as models)", group="Saving", ge=1)
+    resume: str | None = Field(None, "continue from a state folder written by --save_state", group="Saving", metavar="DIR")
+    resume_allow_changes: bool = Field(False, "resume even if options that change training differ", group="Saving")
+    ema: bool = Field(False, "keep an exponential moving average of the U-Net weights", group="EMA")
+    ema_decay: float = Field(0.9999, "EMA decay per update", group="EMA", gt=0, lt=1)
+    ema_update_every: int = Field(1, "update the EMA every N optimizer steps", group="EMA", ge=1)
+    ema_cpu: bool = Field(False, "keep the EMA weights in CPU memory", group="EMA")
+    save_ema: bool = Field(False, "save the EMA weights as the model (else they are saved beside it as <name>-ema)", group="EMA")
+
+
+class SamplingOptions(Options):
+    sample_every_n_steps: int | None = Field(None, "generate sample images every N optimizer steps (0 = off)", group="Sampling", ge=0)
+    sample_every_n_epochs: int | None = Field(None, "generate sample images every N epochs (overrides --sample_every_n_steps)", group="Sampling", ge=0)
+    sample_at_first: bool = Field(False, "generate sample images before the first step", group="Sampling")
+    sample_prompts: str | None = Field(None, "prompt file for sample images (.txt, .toml or .json)", group="Sampling", metavar="FILE")
+    sample_sampler: str = Field("ddim", "sampler for sample images (ddim, euler_a, dpmsolver++, dpm++_2m_karras, ...)", group="Sampling")
+
+    @field_validator("sample_sampler")
+    @classmethod
+    def _sampler(cls, value: str) -> str:
+        from sdtune.train.sampling import normalize_sampler  # no torch
+
+        return normalize_sampler(value)
+
+
+class LoggingOptions(Options):
+    logging_dir: str | None = Field(None, "write logs here (TensorBoard unless --log_with says otherwise)", group="Logging", metavar="DIR")
+    log_with: Literal["tensorboard", "wandb", "all"] | None = Field(None, "trackers (default: tensorboard when --logging_dir is given)", group="Logging")
+    log_prefix: str | None = Field(None, "prefix of the run folder under --logging_dir", group="Logging")
+    log_tracker_name: str | None = Field(None, "TensorBoard subfolder and wandb project (default: finetuning)", group="Logging")
+    log_tracker_config: str | None = Field(None, "TOML with [wandb] / [tensorboard] init arguments", group="Logging", metavar="FILE")
+    log_config: bool = Field(False, "record the options (without secrets) in the tracker", group="Logging")
+    wandb_run_name: str | None = Field(None, "wandb run name", group="Logging")
+    wandb_api_key: str | None = Field(None, "wandb API key (prefer the WANDB_API_KEY environment variable)", group="Logging")
 
 
 class SavingOptions(Options):
@@ -89,10 +168,16 @@ class SavingOptions(Options):
         return Path(self.output_dir or ".") / (name + SAVE_EXTENSIONS[self.save_format])
 
 
-class BaseTrainOptions(ModelOptions, TrainingOptions, SavingOptions):
+class TrainOptions(ModelOptions, DatasetOptions, TrainingOptions, NoiseLossOptions, SavingOptions, RunOptions,
+                   SamplingOptions, LoggingOptions):
+    """Everything `sdtune train` / `fine_tune.py` accepts."""
+
     @model_validator(mode="after")
     def _required(self):
         from sdtune.errors import UserError
+
+        if (self.save_ema or self.ema_cpu) and not self.ema:
+            raise UserError("--save_ema and --ema_cpu need --ema", fix="Add --ema.")
 
         if not self.pretrained_model_name_or_path:
             raise UserError("no model given", where="--pretrained_model_name_or_path",
@@ -105,7 +190,9 @@ class BaseTrainOptions(ModelOptions, TrainingOptions, SavingOptions):
 
     @property
     def effective_optimizer(self) -> str:
-        return "AdamW8bit" if self.use_8bit_adam else self.optimizer_type
+        from sdtune.train.optim import resolve_optimizer_name
+
+        return resolve_optimizer_name(self.optimizer_type, self.use_8bit_adam, self.use_lion_optimizer)
 
     @property
     def effective_seed(self) -> int:

@@ -27,28 +27,20 @@ NOT_SUPPORTED: dict[str, str] = {
     "resume_from_huggingface": "resuming from the Hugging Face hub is not supported",
     "lowram": "--lowram is not supported",
     "highvram": "--highvram is not supported",
-    "face_crop_aug_range": "face crop augmentation is not supported",
     "tokenizer_cache_dir": "not needed: sdtune ships its tokenizers",
+    "skip_until_initial_step": "not needed: --resume continues at the exact batch where the state was saved",
 }
 
 # Flags that sd-scripts documents and sdtune will implement (tracked in the issues); refused until then.
 PLANNED: dict[str, str] = {
     name: "not implemented yet in this version of sdtune"
     for name in (
-        "xformers", "diffusers_xformers", "mem_eff_attn", "sdpa", "full_fp16", "full_bf16",
-        "noise_offset", "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount",
-        "ip_noise_gamma", "min_snr_gamma", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred",
-        "v_pred_like_loss", "zero_terminal_snr", "loss_type", "huber_schedule", "huber_c", "huber_scale",
-        "min_timestep", "max_timestep", "use_lion_optimizer", "lr_scheduler_num_cycles", "lr_scheduler_power",
+        "full_fp16", "full_bf16",
         "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "lr_scheduler_timescale",
-        "lr_scheduler_min_lr_ratio", "save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio",
-        "save_last_n_epochs", "save_last_n_steps", "save_state", "save_state_on_train_end",
-        "save_last_n_epochs_state", "save_last_n_steps_state", "resume", "skip_until_initial_step",
-        "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first", "sample_prompts", "sample_sampler",
-        "log_with", "log_prefix", "log_tracker_name", "log_tracker_config", "log_config", "wandb_api_key",
-        "wandb_run_name", "weighted_captions", "torch_compile", "dynamo_backend", "ddp_timeout",
+        "lr_scheduler_min_lr_ratio", "save_n_epoch_ratio",
+        "torch_compile", "dynamo_backend", "ddp_timeout",
         "ddp_gradient_as_bucket_view", "ddp_static_graph", "vae", "output_config", "alpha_mask",
-        "noise_offset_random_strength", "fp16_master_weights_and_gradients",
+        "fp16_master_weights_and_gradients",
     )
 }
 

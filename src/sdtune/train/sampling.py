@@ -1,0 +1,362 @@
+"""Sample images during training: the run's prompts through the model being trained.
+
+Why not `StableDiffusionPipeline`: the pipeline tokenises and encodes prompts its own way (77
+tokens, no clip skip, no prompt weights), and sd-scripts' sampler likewise differs from its trainer
+(reference spec §6.6, §12 row 15). Here the prompt *and* the negative prompt go through the run's
+`TextConditioner.encode`, the very function training uses, so a sample shows what training taught.
+No negative prompt means the empty prompt's embedding, which is what caption dropout trains on.
+The denoising loop below is the textbook one, with diffusers' schedulers doing the maths.
+
+Determinism: the initial latents and any ancestral noise come from a CPU `torch.Generator` seeded by
+the prompt's `--d` seed or, without one, by a seed derived from (run seed, prompt index). That seed
+is in the file name, and passing it as `--d` reproduces the image. The same seed gives the same
+image at every sampling point, so the images show the model changing, not the noise. The global RNG
+is never touched. The module imports no torch at the top (option validation reads SAMPLERS).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from sdtune.errors import UserError
+from sdtune.train.prompts import SamplePrompt, round_size
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from sdtune.model import SDModel
+    from sdtune.text.encode import TextConditioner
+
+__all__ = ["SAMPLERS", "SAMPLER_ALIASES", "normalize_sampler", "build_scheduler", "SampleSchedule",
+           "check_sampling_options", "sample_tag", "prompt_seed", "sample_images", "generate", "SampleFiles"]
+
+log = logging.getLogger(__name__)
+
+# name -> (diffusers scheduler class, extra config). sd-scripts' names (`get_my_scheduler`) first.
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as SD's own scheduler config ships it
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    # diffusers refuses DPM-Solver (not ++) with a zero final sigma, its default.
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+    # Beyond sd-scripts' list: DDPM, UniPC and the Karras-sigma variants A1111 users know.
+    "ddpm": ("DDPMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "heun_karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm_2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm_2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm++_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+}
+SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
+                   "k_dpm_2_a": "dpm_2_a", "dpm++_2m": "dpmsolver++", "dpm++": "dpmsolver++",
+                   "dpmsolver++_karras": "dpm++_2m_karras", "dpm++_2s": "dpmsingle", "euler_ancestral": "euler_a"}
+
+
+def normalize_sampler(name: str, where: str = "--sample_sampler") -> str:
+    """The canonical sampler name; accepts sd-scripts' names, `k_` aliases and A1111 spellings."""
+    key = "_".join(str(name).strip().lower().split())  # "DPM++ 2M Karras" -> "dpm++_2m_karras"
+    key = SAMPLER_ALIASES.get(key, key)
+    if key not in SAMPLERS:
+        names = ", ".join([*SAMPLERS, *SAMPLER_ALIASES])
+        raise UserError(f"unknown sampler {name!r}", where=where, fix=f"Use one of: {names}.")
+    return key
+
+
+def build_scheduler(scheduler_config: dict[str, Any], prediction_type: str, sampler: str):
+    """A diffusers scheduler for `sampler` with the model's betas and prediction type.
+
+    Built from the model's own scheduler config (betas, timestep spacing, steps offset), so the
+    sampler sees the schedule the model was trained with; v-prediction models sample as v.
+    sd-scripts instead hard-codes SD's betas and forces `clip_sample=True`, which clips latents to
+    [-1, 1] in DDIM/DDPM; SD's own configs say False, and so do we.
+    """
+    import diffusers
+
+    name = normalize_sampler(sampler)
+    cls_name, extra = SAMPLERS[name]
+    if cls_name == "LMSDiscreteScheduler":
+        import importlib.util
+
+        if importlib.util.find_spec("scipy") is None:
+            raise UserError(f"the {name} sampler needs scipy, which is not installed", where="sampler",
+                            fix="pip install scipy, or use euler / dpmsolver++ instead.")
+    cls = getattr(diffusers, cls_name)
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    config.update(extra, prediction_type=prediction_type)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    # Keys of another scheduler class (e.g. DDIM's set_alpha_to_one for Euler) are dropped quietly,
+    # as diffusers would, but without its log line for each sample.
+    with warnings.catch_warnings():
+        # diffusers deprecates algorithm_type "dpmsolver"; sd-scripts' name must keep working meanwhile.
+        warnings.simplefilter("ignore", FutureWarning)
+        return cls.from_config({k: v for k, v in config.items() if k in accepted})
+
+
+@dataclass(frozen=True)
+class SampleSchedule:
+    """When to sample, with sd-scripts' rules (spec §9.3).
+
+    `every_n_epochs` overrides `every_n_steps` as in sd-scripts: with both set, only epoch ends
+    sample. Steps count optimizer steps from 1; epochs count from 1.
+    """
+
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    at_first: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.at_first or self.every_n_steps or self.every_n_epochs)
+
+    def at_start(self) -> bool:
+        return self.at_first
+
+    def after_step(self, step: int) -> bool:
+        return not self.every_n_epochs and bool(self.every_n_steps) and step > 0 and step % self.every_n_steps == 0
+
+    def after_epoch(self, epoch: int) -> bool:
+        return bool(self.every_n_epochs) and epoch > 0 and epoch % self.every_n_epochs == 0
+
+
+def check_sampling_options(sample_prompts: str | None, every_n_steps: int | None, every_n_epochs: int | None,
+                           at_first: bool) -> list[str]:
+    """Refuse triggers without prompts; return notices for settings that do less than they seem to."""
+    triggers = [f for f, v in (("--sample_every_n_steps", every_n_steps), ("--sample_every_n_epochs", every_n_epochs),
+                               ("--sample_at_first", at_first)) if v]
+    if triggers and not sample_prompts:
+        raise UserError(f"{triggers[0]} is set but no prompts are given", where="--sample_prompts",
+                        fix="Pass --sample_prompts prompts.txt (or .toml / .json).")
+    notices = []
+    if sample_prompts and not triggers:
+        notices.append("--sample_prompts is given but nothing triggers sampling; add --sample_every_n_steps N, "
+                       "--sample_every_n_epochs N or --sample_at_first")
+    if every_n_steps and every_n_epochs:
+        notices.append("--sample_every_n_epochs overrides --sample_every_n_steps (as in sd-scripts): "
+                       "samples are made at epoch ends only")
+    return notices
+
+
+def sample_tag(*, step: int | None = None, epoch: int | None = None) -> str:
+    """sd-scripts' file-name tag: `e000003` for an epoch end, `000120` for a step."""
+    if epoch is not None:
+        return f"e{epoch:06d}"
+    if step is None:
+        raise ValueError("give a step or an epoch")
+    return f"{step:06d}"
+
+
+def prompt_seed(prompt: SamplePrompt, run_seed: int) -> int:
+    """The prompt's own seed, or one derived from (run seed, prompt index): 32 bits, to type as --d."""
+    if prompt.seed is not None:
+        return prompt.seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([run_seed % (1 << 63), prompt.index]).generate_state(1)[0])
+
+
+class SampleFiles(list):
+    """The images written at one sampling point, in prompt order; `.grid` is the grid PNG."""
+
+    grid: Path | None = None
+
+
+def sample_images(model: "SDModel", conditioner: "TextConditioner", prompts: Sequence[SamplePrompt], *,
+                  sampler: str, out_dir: str | Path, name: str | None, tag: str, device, seed: int,
+                  dtype: "torch.dtype | None" = None, progress: bool = True) -> SampleFiles:
+    """Generate one PNG per prompt plus a grid, named as sd-scripts names them (without its timestamp).
+
+    Files: `<out_dir>/[<name>_]<tag>_<index:02d>_<seed>.png` and `[<name>_]<tag>_grid.png`.
+    `model.unet`, `model.vae` and the conditioner's text encoder are used as they are (wrappers like
+    DDP are looked through, so only this process runs them); each module is put in eval mode and
+    moved to `device` for the duration, then restored. `dtype` runs the U-Net and VAE under autocast.
+    """
+    import copy
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from sdtune.text.encode import unwrap_module
+
+    if not prompts:
+        raise ValueError("no prompts to sample")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # so "cuda" equals a param's "cuda:0"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    default_sampler = normalize_sampler(sampler)
+    unet, vae = unwrap_module(model.unet), unwrap_module(model.vae)
+    # The same conditioner (tokeniser, clip skip, weighting, chunk count), calling the bare
+    # encoder so a DDP wrapper on a trained text encoder does not wait for the other processes;
+    # a copy so sample prompts do not count in training's truncation report.
+    text = copy.copy(conditioner)
+    text.text_encoder = unwrap_module(conditioner.text_encoder)
+    prefix = f"{name}_" if name else ""
+    files = SampleFiles()
+    images = []
+    with _inference_mode([unet, vae, text.text_encoder], device):
+        for prompt in tqdm(prompts, desc=f"samples {tag}", leave=False, disable=not progress, dynamic_ncols=True):
+            cond = _encode(text, prompt.prompt, prompt)
+            uncond = _encode(text, prompt.negative_prompt or "", prompt) if prompt.scale != 1 else None
+            this_seed = prompt_seed(prompt, seed)
+            width = round_size(prompt.width or model.family.resolution)
+            height = round_size(prompt.height or model.family.resolution)
+            sampler_name = prompt.sampler or default_sampler
+            scheduler = build_scheduler(model.scheduler_config, model.family.prediction_type, sampler_name)
+            image = generate(unet, vae, scheduler, cond, uncond, width=width, height=height, steps=prompt.steps,
+                             scale=prompt.scale, generator=torch.Generator().manual_seed(this_seed), device=device,
+                             dtype=dtype)
+            path = out_dir / f"{prefix}{tag}_{prompt.index:02d}_{this_seed}.png"
+            _save_png(image, path, _parameters(prompt, sampler_name, this_seed, width, height))
+            files.append(path)
+            images.append((image, prompt.prompt))
+    files.grid = out_dir / f"{prefix}{tag}_grid.png"
+    _save_png(make_grid(images), files.grid)
+    return files
+
+
+_warned_long: set[tuple[str, int]] = set()
+
+
+def _encode(text: "TextConditioner", prompt: str, sample: SamplePrompt) -> "torch.Tensor":
+    batch = text.chunker([prompt])
+    limit = text.max_token_length
+    if batch.lengths[0] > limit and (prompt, limit) not in _warned_long:
+        _warned_long.add((prompt, limit))
+        log.warning("%s: sample prompt has %d tokens and is cut to %d, as training captions are; "
+                    "raise --max_token_length to keep more", sample.where or f"prompt {sample.index}",
+                    batch.lengths[0], limit)
+    return text.encode(batch)
+
+
+def generate(unet, vae, scheduler, cond: "torch.Tensor", uncond: "torch.Tensor | None", *, width: int, height: int,
+             steps: int, scale: float, generator: "torch.Generator", device, dtype=None) -> "Image.Image":
+    """Denoise from seeded noise with classifier-free guidance and decode to a PIL image.
+
+    `uncond` None (with scale 1) skips the unconditional pass. Noise is drawn on the CPU
+    generator and then moved, so the same seed gives the same image on any device.
+    """
+    import torch
+    from PIL import Image
+
+    device = torch.device(device)
+    channels = unet.config.in_channels
+    if channels != vae.config.latent_channels:
+        raise UserError(f"the U-Net takes {channels} input channels (an inpainting or other special model); "
+                        "sampling supports plain text-to-image models", where="sampling")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (1, channels, height // factor, width // factor)
+    latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    scheduler.set_timesteps(steps, device=device)
+    latents = latents * scheduler.init_noise_sigma
+    context = cond if uncond is None else torch.cat([uncond, cond])
+    context = context.to(device, unet.dtype)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None and dtype != torch.float32
+                else nullcontext())
+    with autocast:
+        for t in scheduler.timesteps:
+            model_in = latents if uncond is None else torch.cat([latents, latents])
+            model_in = scheduler.scale_model_input(model_in, t).to(unet.dtype)
+            pred = unet(model_in, t, encoder_hidden_states=context).sample.float()
+            if uncond is not None:
+                pred_uncond, pred_cond = pred.chunk(2)
+                pred = pred_uncond + scale * (pred_cond - pred_uncond)
+            latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+        decoded = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+    pixels = (decoded[0].float() / 2 + 0.5).clamp(0, 1)
+    if not torch.isfinite(decoded).all():
+        log.warning("a sample decoded to NaN/inf (black image); with fp16 this is usually the VAE: try bf16")
+    array = (pixels.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    return Image.fromarray(array)
+
+
+@contextmanager
+def _inference_mode(modules, device):
+    """Eval mode, `device` and no autograd for the duration; every submodule's mode and device restored."""
+    import torch
+
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    moved = []
+    for module in modules:
+        param = next(module.parameters(), None)
+        if param is not None and param.device != device:
+            moved.append((module, param.device))
+            module.to(device)
+    try:
+        for module in modules:
+            module.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for module, original in moved:
+            module.to(original)
+
+
+def _parameters(prompt: SamplePrompt, sampler: str, seed: int, width: int, height: int) -> str:
+    """A1111's "parameters" text, so UIs that read PNG info show how the sample was made."""
+    lines = [prompt.prompt]
+    if prompt.negative_prompt:
+        lines.append(f"Negative prompt: {prompt.negative_prompt}")
+    lines.append(f"Steps: {prompt.steps}, Sampler: {sampler}, CFG scale: {prompt.scale:g}, Seed: {seed}, "
+                 f"Size: {width}x{height}")
+    return "\n".join(lines)
+
+
+def _save_png(image: "Image.Image", path: Path, parameters: str | None = None) -> None:
+    from PIL import PngImagePlugin
+
+    info = None
+    if parameters:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def make_grid(images: Sequence[tuple["Image.Image", str]], caption_lines: int = 2) -> "Image.Image":
+    """The images in a near-square grid, each over its prompt (cut to `caption_lines` lines)."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    cell_w = max(im.width for im, _ in images)
+    cell_h = max(im.height for im, _ in images)
+    line_h = 12
+    band = caption_lines * line_h + 6
+    grid = Image.new("RGB", (cols * cell_w, rows * (cell_h + band)), "white")
+    draw = ImageDraw.Draw(grid)
+    chars = max(8, int(cell_w / max(1.0, font.getlength("x"))))
+    for i, (im, caption) in enumerate(images):
+        x, y = (i % cols) * cell_w, (i // cols) * (cell_h + band)
+        grid.paste(im, (x + (cell_w - im.width) // 2, y + (cell_h - im.height) // 2))
+        lines = textwrap.wrap(caption, chars, max_lines=caption_lines, placeholder="...") or [""]
+        for j, line in enumerate(lines):
+            draw.text((x + 3, y + cell_h + 3 + j * line_h), line, fill="black", font=font)
+    return grid
