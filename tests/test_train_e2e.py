@@ -32,7 +32,7 @@ def _unet_from_output(path: Path, family_dir: Path):
     return UNet2DConditionModel.from_pretrained(path, subfolder="unet")
 
 
-@pytest.mark.parametrize("fmt", ["diffusers"])
+@pytest.mark.parametrize("fmt", ["safetensors", "diffusers"])
 def test_train_writes_a_changed_model(workspace, fmt, tmp_path):
     out = tmp_path / "out"
     code = main(["train", "--pretrained_model_name_or_path", str(workspace / "model"), "--in_json",
