@@ -9,31 +9,14 @@ from PIL import Image
 
 from sdtune.errors import UserError
 
-WORDS = "a picture of red green blue cat dog on the with and square circle background".split()
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + WORDS
+from sdtune.testing import BLIP_WORDS as WORDS
 
 
 @pytest.fixture(scope="module")
 def blip_dir(tmp_path_factory) -> Path:
-    import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    from sdtune.testing import write_tiny_blip
 
-    folder = tmp_path_factory.mktemp("blip")
-    # transformers 5 ignores vocab_file= silently; a vocab dict builds the WordPiece model offline.
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}, bos_token="[DEC]")
-    text = dict(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=64, bos_token_id=VOCAB.index("[DEC]"),
-                pad_token_id=0, sep_token_id=VOCAB.index("[SEP]"), eos_token_id=VOCAB.index("[SEP]"))
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=32, patch_size=16)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+    return write_tiny_blip(tmp_path_factory.mktemp("blip"))
 
 
 @pytest.fixture(scope="module")

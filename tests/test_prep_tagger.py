@@ -33,25 +33,11 @@ WEIGHTS[0, 3] = 1.0   # blue  -> explicit
 
 def build_onnx(path: Path, size: int, batch: int | str = "N", scale: float = 1 / 255, labels: int = len(LABELS)):
     """A real ONNX graph: mean over H and W of NHWC input, times `scale`, a linear layer, clipped to 0..1."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from sdtune.testing import write_onnx_tagger
 
-    x = helper.make_tensor_value_info("input_1", TensorProto.FLOAT, [batch, size, size, 3])
-    y = helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, [batch, labels])
-    inits = [numpy_helper.from_array(WEIGHTS[:, :labels].copy(), "w"), numpy_helper.from_array(BIAS[:labels].copy(), "b"),
-             numpy_helper.from_array(np.array(scale, dtype=np.float32), "s"),
-             numpy_helper.from_array(np.array(0, dtype=np.float32), "lo"),
-             numpy_helper.from_array(np.array(1, dtype=np.float32), "hi")]
-    nodes = [helper.make_node("ReduceMean", ["input_1"], ["m"], axes=[1, 2], keepdims=0),
-             helper.make_node("Mul", ["m", "s"], ["ms"]),
-             helper.make_node("MatMul", ["ms", "w"], ["l"]),
-             helper.make_node("Add", ["l", "b"], ["lb"]),
-             helper.make_node("Clip", ["lb", "lo", "hi"], ["predictions_sigmoid"])]
-    graph = helper.make_graph(nodes, "tiny_tagger", [x], [y], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    folder = write_onnx_tagger(path.parent / (path.stem + "_build"), LABELS[:labels], WEIGHTS, BIAS, size=size,
+                               batch=batch, scale=scale)
+    (folder / "model.onnx").replace(path)
 
 
 def make_wd14(folder: Path, size: int = 16, batch: int | str = "N") -> Path:

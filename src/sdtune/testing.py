@@ -93,8 +93,9 @@ _LAYOUTS = [((96, 64), "png"), ((64, 96), "jpg"), ((80, 80), "webp"), ((128, 64)
             ((64, 128), "jpg"), ((72, 96), "png"), ((96, 72), "jpg"), ((64, 64), "bmp")]
 
 
-def make_dataset(directory: str | Path, n: int = 8, seed: int = 0, metadata: str | Path | None = None) -> dict[str, dict]:
-    """Write `n` synthetic images with `.caption` (sentence) and `.txt` (tags) files.
+def make_dataset(directory: str | Path, n: int = 8, seed: int = 0, metadata: str | Path | None = None,
+                 tags: bool = True) -> dict[str, dict]:
+    """Write `n` synthetic images with `.caption` (sentence) and, with `tags`, `.txt` (tags) files.
 
     Each image is one coloured shape on a coloured background, described by its caption and tags,
     so a model can learn the conditioning. Returns the sd-scripts metadata dict keyed by file stem;
@@ -125,11 +126,94 @@ def make_dataset(directory: str | Path, n: int = 8, seed: int = 0, metadata: str
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=_COLOURS[fg])
         stem = f"img_{i:03d}"
         img.save(directory / f"{stem}.{ext}", quality=95) if ext == "jpg" else img.save(directory / f"{stem}.{ext}")
-        caption = f"a {fg} {shape} on a {bg} background"
-        tags = f"{fg} {shape}, {bg} background, simple background"
+        caption = f"{'an' if fg[0] in 'aeiou' else 'a'} {fg} {shape} on {'an' if bg[0] in 'aeiou' else 'a'} {bg} background"
         (directory / f"{stem}.caption").write_text(caption + "\n")
-        (directory / f"{stem}.txt").write_text(tags + "\n")
-        meta[stem] = {"caption": caption, "tags": tags, "image_size": [w, h]}
+        tag_text = f"{fg} {shape}, {bg} background, simple background"
+        if tags:
+            (directory / f"{stem}.txt").write_text(tag_text + "\n")
+        meta[stem] = {"caption": caption, "tags": tag_text, "image_size": [w, h]} if tags else \
+            {"caption": caption, "image_size": [w, h]}
     if metadata is not None:
         Path(metadata).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny data-preparation models: an ONNX tagger and a BLIP captioner
+
+def write_onnx_tagger(folder: str | Path, labels: list[tuple[str, int]], weights, bias, *, size: int = 16,
+                      batch: int | str = "N", scale: float = 1 / 255) -> Path:
+    """A WD14-layout tagger folder (model.onnx + selected_tags.csv) whose model is a real ONNX graph:
+    the mean colour of the NHWC input (B, G, R order, as WD14 models take it) times `scale`, a linear
+    layer (`weights` is 3 x len(labels)), clipped to 0..1. Built with onnx.helper, no export needed."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(labels)
+    x = helper.make_tensor_value_info("input_1", TensorProto.FLOAT, [batch, size, size, 3])
+    y = helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, [batch, n])
+    inits = [numpy_helper.from_array(np.asarray(weights, dtype=np.float32)[:, :n].copy(), "w"),
+             numpy_helper.from_array(np.asarray(bias, dtype=np.float32)[:n].copy(), "b"),
+             numpy_helper.from_array(np.array(scale, dtype=np.float32), "s"),
+             numpy_helper.from_array(np.array(0, dtype=np.float32), "lo"),
+             numpy_helper.from_array(np.array(1, dtype=np.float32), "hi")]
+    nodes = [helper.make_node("ReduceMean", ["input_1"], ["m"], axes=[1, 2], keepdims=0),
+             helper.make_node("Mul", ["m", "s"], ["ms"]),
+             helper.make_node("MatMul", ["ms", "w"], ["l"]),
+             helper.make_node("Add", ["l", "b"], ["lb"]),
+             helper.make_node("Clip", ["lb", "lo", "hi"], ["predictions_sigmoid"])]
+    model = helper.make_model(helper.make_graph(nodes, "tiny_tagger", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, str(folder / "model.onnx"))
+    rows = ["tag_id,name,category,count"] + [f"{i},{name},{cat},{1000 - i}" for i, (name, cat) in enumerate(labels)]
+    (folder / "selected_tags.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def write_colour_tagger(folder: str | Path) -> Path:
+    """A tagger that rates every image "general", tags it "simple_background", plus the colour channels
+    that dominate it (red, green, blue): a stand-in with the real WD14 file layout for the demo."""
+    import numpy as np
+
+    labels = [("general", 9), ("sensitive", 9), ("questionable", 9), ("explicit", 9),
+              ("red_theme", 0), ("green_theme", 0), ("blue_theme", 0), ("simple_background", 0)]
+    weights = np.zeros((3, len(labels)), dtype=np.float32)
+    # input channels are B, G, R; a channel's tag fires when it is clearly above the others' mean
+    for tag, channel in ((4, 2), (5, 1), (6, 0)):
+        weights[:, tag] = -0.5
+        weights[channel, tag] = 1.0
+    bias = np.array([0.9, 0, 0, 0, 0.1, 0.1, 0.1, 0.9], dtype=np.float32)
+    return write_onnx_tagger(folder, labels, weights, bias)
+
+
+BLIP_WORDS = "a picture of red green blue cat dog on the with and square circle background".split()
+
+
+def write_tiny_blip(folder: str | Path, seed: int = 0) -> Path:
+    """A randomly initialised BlipForConditionalGeneration with a small WordPiece vocabulary, saved
+    with its tokenizer and (torchvision-free) image processor, as `sdtune caption` loads it."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    folder = Path(folder)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + BLIP_WORDS
+    # transformers 5 ignores vocab_file= silently; a vocab dict builds the WordPiece model offline.
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, bos_token="[DEC]")
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=64, bos_token_id=vocab.index("[DEC]"),
+                pad_token_id=0, sep_token_id=vocab.index("[SEP]"), eos_token_id=vocab.index("[SEP]"))
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
