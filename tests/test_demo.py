@@ -15,7 +15,7 @@ def test_demo_runs_the_whole_workflow(tmp_path, capsys):
         assert command in out
     meta = json.loads((root / "meta.json").read_text())
     assert len(meta) == 8 and all(v.get("caption") and v.get("tags") for v in meta.values())
-    assert len(list((root / "images" / ".sdtune-cache").rglob("*.safetensors"))) == 8
+    assert len(list((root / "images" / ".sdtune-cache").glob("*.safetensors"))) == 8  # latents; text/ holds embeddings
     model = root / "output" / "demo.safetensors"
     with safe_open(str(model), "pt") as f:
         assert f.metadata()["modelspec.architecture"] == "stable-diffusion-v1"
