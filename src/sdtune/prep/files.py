@@ -20,10 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+# IMAGE_EXTENSIONS: sd-scripts' list, matched case-insensitively; shared with training.
+from sdtune.data.images import IMAGE_EXTENSIONS
 from sdtune.errors import UserError
-
-# sd-scripts' list (train_util.IMAGE_EXTENSIONS), matched case-insensitively.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def find_images(directory: str | Path, recursive: bool = False) -> list[Path]:
@@ -179,33 +178,11 @@ def check_metadata_name(path: str | Path, option: str) -> Path:
 
 
 def read_metadata(path: str | Path) -> dict[str, dict]:
-    """Read a JSON or JSONL metadata file into {key: record}."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError("metadata file not found", where=str(path))
-    text = read_text(path)
-    if is_jsonl(path):
-        meta: dict[str, dict] = {}
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"invalid JSON ({exc.msg})", where=f"{path}:{lineno}") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("image_path"), str):
-                raise UserError('each line must be an object with an "image_path" string', where=f"{path}:{lineno}")
-            record = dict(record)
-            meta[record.pop("image_path")] = record
-        return meta
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"invalid JSON ({exc.msg})", where=f"{path}:{exc.lineno}:{exc.colno}") from exc
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise UserError("expected an object of {image key: {caption, tags, ...}}", where=str(path),
-                        fix="Use the sd-scripts metadata layout (reference: docs/prep.md).")
-    return data
+    """Read a JSON or JSONL metadata file into {key: record} (JSONL records lose their image_path,
+    which is the key). The training side's reader, so both sides accept exactly the same files."""
+    from sdtune.data.metadata import read_metadata as read
+
+    return {key: {k: v for k, v in record.items() if k != "image_path"} for key, record in read(path).items()}
 
 
 def write_metadata(path: str | Path, meta: dict[str, dict]) -> Path | None:
