@@ -76,6 +76,8 @@ def add_options(parser: argparse.ArgumentParser, model: type[Options], title: st
         help_text = info.description or ""
         if default not in (None, False, "", [], ()):
             help_text += f" (default: {default})"
+        # argparse treats "%" in help as a format directive ("%(default)s").
+        help_text = help_text.replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         choices = _literal_choices(info.annotation)
         if tp is bool:
