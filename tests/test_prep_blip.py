@@ -40,10 +40,10 @@ def test_beam_search_options_reach_generate(tmp_path, blip_dir, captioner):
     import torch
     from transformers import AutoTokenizer, BlipForConditionalGeneration
 
-    from sdtune.prep.blip import CaptionOptions, caption_images
+    from sdtune.prep.blip import BlipOptions, caption_images
 
     paths = _images(tmp_path / "data")
-    opts = CaptionOptions(beam_search=True, num_beams=3, max_length=12, min_length=12)
+    opts = BlipOptions(beam_search=True, num_beams=3, max_length=12, min_length=12)
     result = caption_images(tmp_path / "data", captioner, options=opts, batch_size=2, progress=False)
     assert sorted(result.written) == paths
 
@@ -70,13 +70,13 @@ def test_beam_search_options_reach_generate(tmp_path, blip_dir, captioner):
 def test_sampling_is_seeded_skips_existing_and_leaves_global_rng(tmp_path, captioner):
     import torch
 
-    from sdtune.prep.blip import CaptionOptions, caption_images
+    from sdtune.prep.blip import BlipOptions, caption_images
 
     _images(tmp_path / "data", 2)
     (tmp_path / "data" / "bad.png").write_bytes(b"\x89PNG broken")
     (tmp_path / "data" / "im0.cap").write_text("kept\n")
     state = torch.get_rng_state()
-    opts = CaptionOptions(seed=7, max_length=20, min_length=6)
+    opts = BlipOptions(seed=7, max_length=20, min_length=6)
     first = caption_images(tmp_path / "data", captioner, options=opts, caption_extension=".cap", progress=False)
     assert torch.equal(state, torch.get_rng_state())
     assert [p.name for p in first.skipped_existing] == ["im0.png"] and [p.name for p in first.unreadable] == ["bad.png"]
@@ -90,12 +90,12 @@ def test_sampling_is_seeded_skips_existing_and_leaves_global_rng(tmp_path, capti
 
 
 def test_option_validation_and_offline_hub():
-    from sdtune.prep.blip import CaptionOptions, load_captioner
+    from sdtune.prep.blip import BlipOptions, load_captioner
 
     with pytest.raises(UserError, match="min_length"):
-        CaptionOptions(min_length=10, max_length=5)
+        BlipOptions(min_length=10, max_length=5)
     with pytest.raises(UserError, match="top_p"):
-        CaptionOptions(top_p=0)
+        BlipOptions(top_p=0)
     with pytest.raises(UserError, match="Salesforce/blip-not-here") as err:
         load_captioner("Salesforce/blip-not-here")
     assert "--model_id" in str(err.value)

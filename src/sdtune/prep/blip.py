@@ -24,7 +24,7 @@ DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 
 
 @dataclass(frozen=True)
-class CaptionOptions:
+class BlipOptions:
     beam_search: bool = False
     num_beams: int = 1
     top_p: float = 0.9
@@ -92,7 +92,7 @@ def load_captioner(model: str = DEFAULT_MODEL, device: str | None = None) -> Cap
     return Captioner(net, image_processor, tokenizer, device)
 
 
-def caption_images(image_dir: str | Path, captioner: Captioner, *, options: CaptionOptions = CaptionOptions(),
+def caption_images(image_dir: str | Path, captioner: Captioner, *, options: BlipOptions = BlipOptions(),
                    caption_extension: str = ".caption", recursive: bool = False, batch_size: int = 1,
                    num_workers: int = 0, overwrite: bool = False, progress: bool = True) -> TagResult:
     """Caption every image without a caption file (all of them with `overwrite`).

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_options(args: argparse.Namespace):
-    from sdtune.prep.blip import CaptionOptions
+    from sdtune.prep.blip import BlipOptions
 
     if args.caption_weights:
         raise UserError("sd-scripts' vendored BLIP weights (.pth) are not supported", where="--caption_weights",
@@ -46,7 +46,7 @@ def build_options(args: argparse.Namespace):
     if args.num_beams > 1 and not args.beam_search:
         raise UserError("--num_beams only acts with --beam_search", where="--num_beams",
                         fix="Add --beam_search, or drop --num_beams.")
-    return CaptionOptions(beam_search=args.beam_search, num_beams=args.num_beams, top_p=args.top_p,
+    return BlipOptions(beam_search=args.beam_search, num_beams=args.num_beams, top_p=args.top_p,
                           max_length=args.max_length, min_length=args.min_length,
                           repetition_penalty=args.repetition_penalty, prompt=args.prompt, seed=args.seed)
 
