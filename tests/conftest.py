@@ -11,8 +11,18 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="sdtune-hf-home-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist every worker (and every process it launches) gets one compute thread: with
+# more, the workers' thread pools fight over the cores and CPU training runs up to 10x slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SDTUNE = str(Path(sys.executable).with_name("sdtune"))
@@ -38,3 +48,25 @@ def tiny_sd1():
     from sdtune.testing import build_tiny_model
 
     return build_tiny_model("sd1", seed=0)
+
+
+def _run_in_session(cmd: list[str], *, timeout: float = 300, **kwargs):
+    """subprocess.run in its own session: on timeout the whole process group is killed (accelerate's
+    launcher and every rank it started), so a hung run never outlives the test. Fails on timeout."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd[:4]))} ... did not finish in {timeout} s:\n{out[-2000:]}\n{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture
+def run_in_session():
+    return _run_in_session

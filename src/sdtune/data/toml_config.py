@@ -11,7 +11,7 @@ default), in that order; a dataset key in the dataset, [general], the command li
 
 Every error names the file, the table (e.g. `datasets[0].subsets[1]`) and the key. Keys sd-scripts
 parses but that have no meaning or no implementation here (alpha_mask = true, face_crop_aug_range,
-network_multiplier != 1, validation_*) are refused instead of ignored. No torch.
+network_multiplier != 1) are refused instead of ignored. No torch.
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ class DatasetSpec:
     bucket_no_upscale: bool
     subsets: tuple[SubsetSpec, ...] = field(default_factory=tuple)
     where: str = ""
+    # None: not set in the config; the trainer's --validation_split / --validation_seed apply
+    validation_split: float | None = None
+    validation_seed: int | None = None
 
 
 def _check_type(value: Any, kind: str, key: str, where: str) -> Any:
@@ -139,9 +142,10 @@ def _refuse_unsupported(values: dict[str, Any], where: str) -> None:
     if values.get("network_multiplier") not in (None, 1, 1.0):
         raise UserError("network_multiplier applies to LoRA networks, not to full fine-tuning",
                         where=f"{where}.network_multiplier", fix="Remove it.")
-    if values.get("validation_split") not in (None, 0, 0.0) or values.get("validation_seed") is not None:
-        raise UserError("validation splits are not supported for fine-tuning", where=f"{where}.validation_split",
-                        fix="Remove validation_split and validation_seed.")
+    split = values.get("validation_split")
+    if split is not None and not 0 <= split < 1:
+        raise UserError(f"validation_split = {split} is outside [0, 1)", where=f"{where}.validation_split",
+                        fix="Use a fraction such as 0.1 (10% of each subset's images held out).")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -281,5 +285,7 @@ def dataset_specs(options: DatasetOptions, *, default_resolution: int | Size | N
         specs.append(DatasetSpec(
             index=d_index, resolution=resolution, batch_size=int(_lookup("batch_size", d_tables, options)),
             enable_bucket=enable_bucket, min_bucket_reso=min_reso, max_bucket_reso=max_reso, bucket_reso_steps=step,
-            bucket_no_upscale=no_upscale, subsets=tuple(subset_specs), where=d_where))
+            bucket_no_upscale=no_upscale, subsets=tuple(subset_specs), where=d_where,
+            validation_split=_lookup("validation_split", d_tables, options),
+            validation_seed=_lookup("validation_seed", d_tables, options)))
     return specs

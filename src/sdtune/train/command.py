@@ -16,6 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
     problems = sdscripts_flags.refused(args)
+    config_file = getattr(args, "config_file", None)
+    if config_file:
+        from sdtune.config import flatten_config_file, read_toml
+
+        problems += sdscripts_flags.refused_keys(flatten_config_file(read_toml(config_file)), config_file)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(problems[0] + more)
@@ -30,5 +35,4 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from sdtune.train.loop import train
 
-    train(opts)
-    return 0
+    return train(opts).exit_status

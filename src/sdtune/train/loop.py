@@ -8,6 +8,7 @@ seed gives the same run and a resumed run continues with the very numbers an uni
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ class TrainResult:
     outputs: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)   # one per optimizer step (mean over its micro-batches)
     stopped: bool = False
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss/validation)
+    exit_status: int = 0  # 128 + the signal number when a signal stopped the run (shell convention)
 
 
 def train(opts: TrainOptions) -> TrainResult:
@@ -35,15 +38,16 @@ def train(opts: TrainOptions) -> TrainResult:
     from sdtune.data import BucketBatchSampler, build_plan, ensure_latent_cache, make_loader, sample_latents
     from sdtune.data.options import parse_resolution
     from sdtune.text import CaptionOptions, TextConditioner, build_caption, process_caption
-    from sdtune.train import logs, optim, sampling, state
+    from sdtune.train import logs, optim, sampling, state, validation
     from sdtune.train.ema import EMA
     from sdtune.families import SD1
     from sdtune.train.noise import DiffusionObjective
     from sdtune.train.plan import peek_family
     from sdtune.train.prompts import load_prompts
     from sdtune.train.saving import SavePolicy, epoch_stem, step_stem
-    from sdtune.train.setup import (StopRequest, compute_copy, configure_attention, derive_seed, diverged,
-                                    make_accelerator, mem_eff_context, save_trained, weight_dtype)
+    from sdtune.train.setup import (StopRequest, allow_fp16_gradients, compute_copy, configure_attention, derive_seed,
+                                    diverged, make_accelerator, mem_eff_context, save_trained, text_embedding_cache,
+                                    weight_dtype)
 
     quiet_libraries()
     started = time.time()
@@ -69,6 +73,9 @@ def train(opts: TrainOptions) -> TrainResult:
                                   use_ema_weights=opts.use_ema_weights, dtype=torch.float32, verbose=main)
     if not opts.resolution and model.family.resolution != (guess or SD1).resolution:
         plan = build_plan(opts, seed=seed, default_resolution=model.family.resolution)
+    plan, held_out = validation.split_plan(plan, opts.validation_split,
+                                           seed if opts.validation_seed is None else opts.validation_seed)
+    validation.check_options(opts, held_out)
     plan.check_fill(world, accum)
     # the objective owns the (possibly rescaled) noise schedule
     objective = DiffusionObjective.from_options(opts, model.scheduler_config, model.family.prediction_type)
@@ -77,6 +84,12 @@ def train(opts: TrainOptions) -> TrainResult:
     compute_dtype = weight_dtype(accelerator)
     vae_dtype = torch.float32 if opts.no_half_vae or device.type == "cpu" else compute_dtype
     vae = compute_copy(model.vae.requires_grad_(False).eval(), device, vae_dtype)
+    validator = None
+    if held_out and main:  # the other processes wait while the main one validates
+        validator = validation.Validator(plan, held_out, objective, max_batches=opts.max_validation_steps,
+                                         seed=seed if opts.validation_seed is None else opts.validation_seed)
+        validator.encode_images(vae, device, model.vae.config.scaling_factor, strict=opts.strict)
+        note(validator.describe())
     cache = None
     if opts.caches_latents:
         shard = world > 1 and opts.cache_latents_to_disk
@@ -104,6 +117,12 @@ def train(opts: TrainOptions) -> TrainResult:
                                   clip_skip=opts.clip_skip, weighted=opts.weighted_captions)
     note(f"text: {conditioner.layer.description}")
     caption_options = [CaptionOptions.from_dict(s.caption_options, where=f"subset {i + 1}") for i, s in enumerate(plan.subsets)]
+    if validator is not None and not train_te:
+        with accelerator.autocast():
+            validator.encode_captions(conditioner.encode)
+    text_cache = text_embedding_cache(plan, conditioner, caption_options, opts, accelerator, note)
+    if text_cache is not None:
+        text_encoder.to("cpu")  # idle from here on; sampling moves it back for the duration
 
     # --- U-Net, optimizer, schedule
     unet = model.unet.requires_grad_(True).to(device)
@@ -113,12 +132,19 @@ def train(opts: TrainOptions) -> TrainResult:
         unet.enable_gradient_checkpointing()
         if train_te:
             text_encoder.gradient_checkpointing_enable()
+    if opts.full_fp16 or opts.full_bf16:
+        # the trained weights themselves in half precision: weights, gradients and optimizer state take half
+        unet.to(compute_dtype)
+        if train_te:
+            text_encoder.to(compute_dtype)
     steps_per_epoch = plan.steps_per_epoch(world, accum)
     max_steps = opts.max_train_epochs * steps_per_epoch if opts.max_train_epochs else opts.max_train_steps
     epochs = math.ceil(max_steps / steps_per_epoch)
     groups = optim.build_param_groups(unet, text_encoder if train_te else None, learning_rate=opts.learning_rate,
                                       learning_rate_te=opts.learning_rate_te)
     optimizer = optim.build_optimizer(opts.effective_optimizer, groups, opts.learning_rate, opts.optimizer_args, note=note)
+    if opts.full_bf16:  # the same rounding draws on every process keeps the replicas identical
+        optim.add_bf16_stochastic_rounding(optimizer, torch.Generator(device).manual_seed(derive_seed(seed, 0xBF16)))
     lr_scheduler = optim.build_lr_scheduler(opts.lr_scheduler, optimizer, warmup=opts.lr_warmup_steps,
                                             total_steps=max_steps, num_processes=world,
                                             num_cycles=opts.lr_scheduler_num_cycles, power=opts.lr_scheduler_power)
@@ -130,6 +156,8 @@ def train(opts: TrainOptions) -> TrainResult:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
         trained = [unet]
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    if opts.full_fp16:
+        allow_fp16_gradients(accelerator)
     ema = EMA(accelerator.unwrap_model(unet), opts.ema_decay, opts.ema_update_every,
               device="cpu" if opts.ema_cpu else None) if opts.ema else None
 
@@ -172,6 +200,21 @@ def train(opts: TrainOptions) -> TrainResult:
             state.save_state(accelerator, policy.state_path(stem), position, options_dict, ema)
         accelerator.wait_for_everyone()
 
+    validation_losses: list[tuple[int, float]] = []
+
+    def validate(step: int) -> None:
+        if not held_out or (validation_losses and validation_losses[-1][0] == step):
+            return
+        if main:
+            with optim.eval_weights(optimizer):
+                value = validator.loss(accelerator.unwrap_model(unet), None if not train_te else
+                                       _unwrapped_encoder(conditioner, accelerator.unwrap_model(text_encoder)),
+                                       device=device, autocast=accelerator.autocast)
+            validation_losses.append((step, value))
+            progress.write(f"validation loss at step {step}: {value:.6f}")
+            logger.log(step, {"loss/validation": value})
+        accelerator.wait_for_everyone()
+
     def sample(step: int, epoch: int | None = None) -> None:
         if not prompts:
             return
@@ -191,6 +234,7 @@ def train(opts: TrainOptions) -> TrainResult:
     # --- the loop
     sampler = BucketBatchSampler(plan, seed=seed, rank=rank, world_size=world)
     loader = make_loader(plan, sampler, cache)
+    last_batch = plan.batches_per_epoch(world) - 1
     progress = logs.TrainProgress(max_steps, initial=position.global_step, disable=not main)
     global_step, losses, micro, stopped = position.global_step, [], [], False
     scaling = model.vae.config.scaling_factor
@@ -204,7 +248,14 @@ def train(opts: TrainOptions) -> TrainResult:
                 if not batch["indices"]:
                     continue  # every image of this batch failed to load (reported by the loader)
                 gen = torch.Generator().manual_seed(derive_seed(seed, epoch, batch["position"], rank))
+                if world > 1 and not losses and not micro:  # each process names its first images once
+                    print(f"process {rank + 1}/{world}: first batch "  # one write: ranks share the terminal
+                          f"{', '.join(Path(plan.samples[i].path).name for i in batch['indices'])}\n", end="", flush=True)
                 t0 = time.time()
+                if batch["position"] == last_batch:
+                    # The epoch's last batch closes the step, as sd-scripts' prepared loader does: the epoch
+                    # holds steps_per_epoch steps, and a state saved at its end has no half-accumulated gradient.
+                    accelerator.step = accum - 1
                 with accelerator.accumulate(*trained):
                     if cache is not None:
                         latents = sample_latents(batch["latent_mean"].float(), batch["latent_logvar"].float(), gen)
@@ -217,13 +268,17 @@ def train(opts: TrainOptions) -> TrainResult:
                     captions = [process_caption(build_caption(c, t, caption_options[s]), caption_options[s], seed=seed,
                                                 epoch=epoch + 1, index=i, step=global_step, max_steps=max_steps)
                                 for c, t, s, i in zip(batch["captions"], batch["tags"], batch["subsets"], batch["indices"])]
-                    with torch.set_grad_enabled(train_te), accelerator.autocast():
-                        cond = conditioner.encode(captions)
+                    if text_cache is not None:
+                        cond = text_cache.get(captions).to(device)
+                    else:
+                        with torch.set_grad_enabled(train_te), accelerator.autocast():
+                            cond = conditioner.encode(captions)
                     noise, timesteps, noisy = objective.noise_batch(latents, gen)
                     with accelerator.autocast(), mem_eff_context(opts):
                         pred = unet(noisy, timesteps, cond).sample
                     loss = objective.loss(pred.float(), objective.target(latents, noise, timesteps).float(), timesteps)
                     if not torch.isfinite(loss):
+                        progress.close()  # the error goes on a line of its own
                         raise diverged(global_step + 1, loss.item(), opts)
                     accelerator.backward(loss)
                     grad_norm = None
@@ -253,6 +308,8 @@ def train(opts: TrainOptions) -> TrainResult:
                     if train_te:
                         values["lr/text_encoder"] = lr_scheduler.get_last_lr()[-1]
                     logger.log(global_step, values)
+                if opts.validate_every_n_steps and global_step % opts.validate_every_n_steps == 0:
+                    validate(global_step)
                 if schedule.after_step(global_step):
                     sample(global_step)
                 if policy.due_after_step(global_step, max_steps):
@@ -267,6 +324,8 @@ def train(opts: TrainOptions) -> TrainResult:
             position = state.Position(global_step, epoch + 1, 0)
             if main and epoch_losses:
                 logger.log(global_step, {"loss/epoch": sum(epoch_losses) / len(epoch_losses)})
+            if (epoch + 1) % (opts.validate_every_n_epochs or 1) == 0:
+                validate(global_step)
             if schedule.after_epoch(epoch + 1):
                 sample(global_step, epoch + 1)
             if policy.due_after_epoch(epoch + 1, epochs) and global_step < max_steps:
@@ -281,6 +340,8 @@ def train(opts: TrainOptions) -> TrainResult:
     if stopped or opts.save_state_on_train_end:
         state.save_state(accelerator, out_dir / f"{name}-state", position, options_dict, ema)
         note(f"training state saved to {out_dir / f'{name}-state'} (continue with --resume)")
+    if world > 1:
+        _check_replicas(accelerator, unet, note)
     if not stopped:
         save(name, global_step, position.epoch, final=True)
     seconds = time.time() - started
@@ -295,8 +356,24 @@ def train(opts: TrainOptions) -> TrainResult:
                            family=model.family.name)
         logger.close()
     accelerator.end_training()
+    # a run stopped early exits like a process killed by the signal would (130 for Ctrl-C), so that
+    # scripts and schedulers see it did not finish; with no local signal another process asked
+    exit_status = 128 + int(stop.signum or signal.SIGTERM) if stopped else 0
     return TrainResult(global_step, position.epoch, losses[-1] if losses else float("nan"), seconds, outputs, losses,
-                       stopped)
+                       stopped, validation_losses, exit_status)
+
+
+def _unwrapped_encoder(conditioner, text_encoder):
+    """The conditioning function on the unwrapped (not DDP) text encoder: a DDP forward on one process
+    alone would wait for the others."""
+    def encode(captions):
+        wrapped, conditioner.text_encoder = conditioner.text_encoder, text_encoder
+        try:
+            return conditioner.encode(captions)
+        finally:
+            conditioner.text_encoder = wrapped
+
+    return encode
 
 
 def _replace(model, **changes):
@@ -310,6 +387,18 @@ def _tracker_init(opts: TrainOptions, logs) -> dict:
     if opts.wandb_run_name:
         init.setdefault("wandb", {})["name"] = opts.wandb_run_name
     return init
+
+
+def _check_replicas(accelerator, unet, note) -> None:
+    """Data-parallel processes must end with the same weights; a difference means they drifted apart."""
+    import torch
+
+    with torch.no_grad():
+        total = sum(p.detach().double().sum() for p in accelerator.unwrap_model(unet).parameters())
+    sums = accelerator.gather(total.reshape(1).to(accelerator.device)).tolist()
+    same = len(set(sums)) == 1
+    note(f"U-Net weight checksum per process: {', '.join(f'{s:.17g}' for s in sums)} "
+         f"({'identical' if same else 'DIFFERENT: the processes drifted apart; please report this'})")
 
 
 def _stop_everywhere(requested: bool, accelerator) -> bool:

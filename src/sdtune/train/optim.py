@@ -370,3 +370,67 @@ def build_lr_scheduler(name: str, optimizer: "torch.optim.Optimizer", *, warmup:
                              power=1.0 if power is None else float(power))
     except ValueError as exc:  # e.g. polynomial decay with a learning rate below its end value 1e-7
         raise UserError(f"cannot build the {name} schedule ({exc})", where="--lr_scheduler") from None
+
+
+# ---------------------------------------------------------------- bf16 weights: stochastic rounding
+
+
+def round_stochastic_bf16(x: "torch.Tensor", generator: "torch.Generator") -> "torch.Tensor":
+    """float32 -> bfloat16, rounding up with probability equal to the dropped fraction (unbiased).
+
+    bf16 keeps the top 16 bits of a float32; adding uniform noise to the low 16 bits before
+    truncating them rounds each value up exactly as often as its distance from the lower neighbour
+    says. Plain round-to-nearest loses every update below half a bf16 step (0.2 % of the weight),
+    which at fine-tuning learning rates is most of them.
+    """
+    import torch
+
+    bits = x.detach().to(torch.float32).contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def add_bf16_stochastic_rounding(optimizer: "torch.optim.Optimizer", generator: "torch.Generator") -> None:
+    """Make any optimizer over bfloat16 parameters step in float32 and round back stochastically.
+
+    Done with the optimizer's step hooks rather than per-optimizer code (OneTrainer's approach), so
+    it works for every optimizer sdtune builds, bitsandbytes' 8-bit ones included: before a step,
+    parameters, gradients and bf16 state tensors become float32; after it they are rounded back.
+    Only the parameters being stepped are float32 at any time, never a persistent master copy.
+    `generator` must draw the same numbers on every process, so that data-parallel replicas stay
+    identical.
+    """
+    import torch
+
+    inner = _unwrap(optimizer)
+    upcast: list[torch.Tensor] = []
+
+    def before(opt, args, kwargs):
+        upcast.clear()
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.dtype != torch.bfloat16 or p.grad is None:
+                    continue
+                grad = p.grad.float()
+                p.grad = None
+                p.data = p.data.float()
+                p.grad = grad
+                state = opt.state.get(p, {})
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.dtype == torch.bfloat16:
+                        state[key] = value.float()
+                upcast.append(p)
+
+    def after(opt, args, kwargs):
+        for p in upcast:
+            p.grad = None  # the loop zeroes gradients right after the step anyway
+            p.data = round_stochastic_bf16(p.data, generator)
+            state = opt.state.get(p, {})
+            for key, value in state.items():
+                # moments shaped like the weight go back to bf16 (else the state would double the memory)
+                if torch.is_tensor(value) and value.dtype == torch.float32 and value.shape == p.shape:
+                    state[key] = round_stochastic_bf16(value, generator)
+        upcast.clear()
+
+    inner.register_step_pre_hook(before)
+    inner.register_step_post_hook(after)

@@ -47,6 +47,10 @@ class TrainingOptions(Options):
     lr_warmup_steps: float | str = Field(0.0, "warm-up: a step count, a fraction < 1 of the steps, or 'N%'", group="Training")
     lr_scheduler_num_cycles: int | None = Field(None, "cosine_with_restarts: number of cycles (default: 1)", group="Training", ge=1)
     lr_scheduler_power: float | None = Field(None, "polynomial: power of the decay (default: 1.0)", group="Training", gt=0)
+    full_fp16: bool = Field(False, "U-Net (and trained text encoder) weights in float16, with a gradient scaler; needs "
+                            "--mixed_precision fp16 and a CUDA GPU", group="Training")
+    full_bf16: bool = Field(False, "U-Net (and trained text encoder) weights in bfloat16, updated with stochastic "
+                            "rounding; needs --mixed_precision bf16", group="Training")
     gradient_checkpointing: bool = Field(False, "recompute activations in the backward pass to save memory", group="Training")
     sdpa: bool = Field(False, "attention through torch's scaled_dot_product_attention (the default anyway)", group="Training")
     xformers: bool = Field(False, "attention through xformers (falls back to torch SDPA, with a note, when not installed)",
@@ -64,6 +68,18 @@ class TrainingOptions(Options):
 
         parse_optimizer_args(value)
         return value
+
+    @model_validator(mode="after")
+    def _full_precision(self):
+        from sdtune.errors import UserError
+
+        if self.full_fp16 and self.full_bf16:
+            raise UserError("--full_fp16 and --full_bf16 contradict each other", fix="Keep one of them.")
+        for flag, wanted in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
+            if getattr(self, flag) and self.mixed_precision != wanted:
+                raise UserError(f"needs --mixed_precision {wanted} (got {self.mixed_precision})", where=f"--{flag}",
+                                fix=f"Add --mixed_precision {wanted}.")
+        return self
 
 
 class NoiseLossOptions(Options):
@@ -103,6 +119,13 @@ class RunOptions(Options):
     ema_update_every: int = Field(1, "update the EMA every N optimizer steps", group="EMA", ge=1)
     ema_cpu: bool = Field(False, "keep the EMA weights in CPU memory", group="EMA")
     save_ema: bool = Field(False, "save the EMA weights as the model (else they are saved beside it as <name>-ema)", group="EMA")
+    validation_split: float = Field(0.0, "hold out this fraction of each subset's images for a validation loss "
+                                    "(a dataset's own validation_split wins)", group="Validation", ge=0, lt=1)
+    validation_seed: int | None = Field(None, "seed of the validation split and noise (default: --seed)", group="Validation")
+    validate_every_n_steps: int | None = Field(None, "compute the validation loss every N optimizer steps", group="Validation", ge=1)
+    validate_every_n_epochs: int | None = Field(None, "compute the validation loss every N epochs (default: every epoch)",
+                                                group="Validation", ge=1)
+    max_validation_steps: int | None = Field(None, "use at most N held-out batches per validation", group="Validation", ge=1)
 
 
 class SamplingOptions(Options):

@@ -94,5 +94,6 @@ class SavePolicy:
         return removed
 
 
-_EPOCH_RE = re.compile(r"(\d{6})")
-_STEP_RE = re.compile(r"step(\d{8})")
+# "-ema": the EMA weights saved beside a model (--ema without --save_ema) go with it
+_EPOCH_RE = re.compile(r"(\d{6})(?:-ema)?")
+_STEP_RE = re.compile(r"step(\d{8})(?:-ema)?")

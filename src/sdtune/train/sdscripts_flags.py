@@ -35,7 +35,6 @@ NOT_SUPPORTED: dict[str, str] = {
 PLANNED: dict[str, str] = {
     name: "not implemented yet in this version of sdtune"
     for name in (
-        "full_fp16", "full_bf16",
         "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "lr_scheduler_timescale",
         "lr_scheduler_min_lr_ratio", "save_n_epoch_ratio",
         "torch_compile", "dynamo_backend", "ddp_timeout",
@@ -62,3 +61,9 @@ def refused(args: argparse.Namespace) -> list[str]:
             name = key.removeprefix("_unsupported_")
             out.append(f"--{name}: {NOT_SUPPORTED.get(name) or PLANNED[name]}")
     return out
+
+
+def refused_keys(keys, where: str) -> list[str]:
+    """The same messages for keys of a --config_file (sd-scripts' config files hold flag names)."""
+    return [f"{where}: {name}: {NOT_SUPPORTED.get(name) or PLANNED[name]}"
+            for name in keys if name in NOT_SUPPORTED or name in PLANNED]

@@ -33,6 +33,9 @@ def make_accelerator(opts: TrainOptions, note: Callable[[str], None]):
 
     on_gpu = torch.cuda.is_available()
     precision = opts.mixed_precision
+    if opts.full_fp16 and not on_gpu:
+        raise UserError("float16 weights need a CUDA GPU (the CPU has no float16 training kernels worth using)",
+                        where="--full_fp16", fix="On the CPU use --mixed_precision bf16 --full_bf16, or drop --full_fp16.")
     if precision == "fp16" and not on_gpu:
         note("note: fp16 mixed precision needs a CUDA GPU; training in float32 on the CPU instead "
              "(--mixed_precision bf16 works on CPUs)")
@@ -40,8 +43,65 @@ def make_accelerator(opts: TrainOptions, note: Callable[[str], None]):
     # A trained text encoder conditioned on an earlier layer (clip skip) leaves its top layers
     # without gradients, which DDP must be told about.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=opts.train_text_encoder)
+    # accelerate keeps precision and accumulation in process-wide singletons and refuses a second
+    # Accelerator with other values; a second run in one process (tests, notebooks) must start
+    # afresh. The distributed state (PartialState) is kept: the process group outlives a run.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return Accelerator(gradient_accumulation_steps=opts.gradient_accumulation_steps, mixed_precision=precision,
                        cpu=not on_gpu, kwargs_handlers=[ddp])
+
+
+def allow_fp16_gradients(accelerator) -> None:
+    """--full_fp16: let accelerate's gradient scaler unscale float16 gradients.
+
+    torch's GradScaler refuses float16 gradients because it assumes float32 master weights; with
+    --full_fp16 there are none by choice (sd-scripts patches the scaler the same way).
+    """
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None:
+        return
+    unscale = scaler._unscale_grads_
+
+    def _unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16):
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = _unscale_grads_
+
+
+def text_embedding_cache(plan, conditioner, caption_options, opts: TrainOptions, accelerator, note):
+    """A filled TextEmbeddingCache when the user chose disk caches (--cache_dir or
+    --cache_latents_to_disk), the text encoder is frozen and no subset varies its captions beyond
+    dropout to ""; else None (captions are then encoded at every step, as sd-scripts does).
+
+    Every caption the run can draw is encoded before the first step, so the encoder is idle during
+    training. Lives in `<cache_dir or the first subset's image folder>/.sdtune-cache/text`; entries
+    are keyed by encoder weights, tokenizer and clip skip, so they are reused by later runs and never
+    read stale. Without a disk-cache option nothing is written next to the images (the folder may be
+    read-only), and holding every embedding in memory would cost ~240 KB per caption.
+    """
+    from sdtune.text import TextEmbeddingCache, build_caption, process_caption
+
+    if not (opts.cache_dir or opts.cache_latents_to_disk):
+        return None
+    if opts.train_text_encoder or not all(c.cache_compatible for c in caption_options):
+        return None
+    first = plan.subsets[0]
+    root = Path(opts.cache_dir) if opts.cache_dir else (first.image_dir or first.metadata_file.parent) / ".sdtune-cache"
+    cache = TextEmbeddingCache(root / "text", conditioner)
+    captions = [""]
+    for s in plan.active:
+        fixed = caption_options[s.subset].model_copy(update={"caption_dropout_rate": 0.0,
+                                                             "caption_dropout_every_n_epochs": 0})
+        # with cache-compatible options the text is the same at every epoch and step
+        captions.append(process_caption(build_caption(s.caption, s.tags, fixed), fixed, seed=0, epoch=1, index=s.index))
+    with accelerator.main_process_first():  # one process encodes, the others read its files
+        stats = cache.precompute(captions, progress=accelerator.is_main_process)
+    note(f"text embeddings: {len(set(captions))} captions cached in {cache.directory} ({stats.written} new); "
+         "the text encoder is not run during training")
+    return cache
 
 
 def weight_dtype(accelerator):
@@ -130,6 +190,7 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None  # the signal that asked (None: another process asked)
         self._previous = {}
 
     def __enter__(self):
@@ -144,6 +205,7 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         print("\nstopping: finishing this step and saving the training state (Ctrl-C again to abort)", flush=True)
 
     def __exit__(self, *exc):

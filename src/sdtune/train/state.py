@@ -37,7 +37,8 @@ MAY_CHANGE = {
     "wandb_run_name", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first", "sample_prompts",
     "sample_sampler", "metadata_title", "metadata_author", "metadata_description", "metadata_license",
     "metadata_tags", "max_data_loader_n_workers", "persistent_data_loader_workers", "vae_batch_size",
-    "skip_cache_check", "cache_dir", "validation_every_n_steps", "strict",
+    "skip_cache_check", "cache_dir", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
+    "strict",
 }
 
 
@@ -72,6 +73,10 @@ def save_state(accelerator, directory: Path, position: Position, options: dict[s
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
+            if old.exists():  # left by a crash after the swap below: the state in place is the newer one
+                shutil.rmtree(old)
+            # A folder cannot replace a non-empty one in one rename: the previous state steps aside first,
+            # and a kill between the two renames leaves it as <name>.old, which read_state falls back to.
             os.replace(directory, old)
         os.replace(tmp, directory)
         if old.exists():
@@ -80,8 +85,17 @@ def save_state(accelerator, directory: Path, position: Position, options: dict[s
     return directory
 
 
-def read_state(directory: str | Path) -> dict[str, Any]:
+def resolve_state_dir(directory: str | Path) -> Path:
+    """The folder itself, or `<folder>.old` when a save was killed between its two renames."""
     directory = Path(directory)
+    old = directory.with_name(directory.name + ".old")
+    if not (directory / STATE_FILE).is_file() and (old / STATE_FILE).is_file():
+        return old
+    return directory
+
+
+def read_state(directory: str | Path) -> dict[str, Any]:
+    directory = resolve_state_dir(directory)
     path = directory / STATE_FILE
     if not path.is_file():
         raise UserError(f"not a training state folder (no {STATE_FILE})", where=str(directory),
@@ -109,7 +123,7 @@ def check_compatible(record: dict[str, Any], options: dict[str, Any], allow_chan
 def load_state(accelerator, directory: str | Path, ema=None) -> Position:
     from safetensors.torch import load_file
 
-    directory = Path(directory)
+    directory = resolve_state_dir(directory)
     record = read_state(directory)
     accelerator.load_state(str(directory))
     if ema is not None:
