@@ -260,3 +260,40 @@ def test_validate_every_n_epochs_and_max_validation_steps(ws, tmp_path, capsys):
     # the same training, a loss over the first held-out batch only
     assert [s for s, _ in capped.validation_losses] == [4, 8]
     assert capped.validation_losses != result.validation_losses
+
+
+def test_a_validation_subset_is_held_out_whole(ws, tmp_path, capsys):
+    make_dataset(tmp_path / "train", n=4, seed=1, metadata=tmp_path / "train.json")
+    make_dataset(tmp_path / "val", n=3, seed=2, metadata=tmp_path / "val.json")
+    subsets = (f'[[datasets.subsets]]\nmetadata_file = "{tmp_path / "train.json"}"\nimage_dir = "{tmp_path / "train"}"\n'
+               f'[[datasets.subsets]]\nmetadata_file = "{tmp_path / "val.json"}"\nimage_dir = "{tmp_path / "val"}"\n'
+               'is_validation = true\n')
+    (tmp_path / "ds.toml").write_text('[general]\nresolution = 64\nbatch_size = 2\n[[datasets]]\n' + subsets)
+    out = tmp_path / "o"
+    argv = _args(ws, out, "--max_train_steps", "2", "--validate_every_n_steps", "1")
+    argv = [a for a in argv if a not in ("--in_json", str(ws / "meta.json"), "--train_data_dir", str(ws / "data"))]
+    assert main(argv + ["--dataset_config", str(tmp_path / "ds.toml"), "--dry_run"]) == 0
+    assert "validation: 3 held-out images" in capsys.readouterr().out and not out.exists()
+    result = _train(argv + ["--dataset_config", str(tmp_path / "ds.toml")])
+    assert [s for s, _ in result.validation_losses] == [1, 2]
+    # trained on the 4 training images only: 2 batches of 2 per epoch
+    summary = json.loads((out / "N-train_summary.json").read_text())
+    assert summary["steps"] == 2 and result.epochs == 1
+
+    from sdtune.data import build_plan
+    from sdtune.train.options import TrainOptions
+    from sdtune.train.validation import split_plan
+
+    opts = TrainOptions(pretrained_model_name_or_path="x", output_dir=str(tmp_path), dataset_config=str(tmp_path / "ds.toml"))
+    plan = build_plan(opts, seed=0)
+    train, held = split_plan(plan, 0.0, 0)
+    assert sorted(Path(s.path).parent.name for s in held) == ["val"] * 3
+    assert {Path(plan.samples[i].path).parent.name for i in range(len(plan.samples)) if i not in train.excluded} == {"train"}
+    # with a split as well, it applies to the training subset only
+    _train_plan, held = split_plan(plan, 0.5, 0)
+    assert sorted(Path(s.path).parent.name for s in held) == ["train"] * 2 + ["val"] * 3
+
+    (tmp_path / "all.toml").write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\n'
+                                       f'metadata_file = "{tmp_path / "val.json"}"\nis_validation = true\n')
+    with pytest.raises(UserError, match="nothing to train on"):
+        build_plan(opts.model_copy(update={"dataset_config": str(tmp_path / "all.toml")}), seed=0)

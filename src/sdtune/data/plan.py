@@ -112,6 +112,10 @@ class DatasetPlan:
             lines.append(f"dataset {d.index} ({d.where}): batch size {d.batch_size}; {rule.describe()}")
             for s in d.subsets:
                 n = sum(1 for x in self.active if x.subset == s.index)
+                if getattr(s, "is_validation", False):
+                    held = sum(1 for x in self.samples if x.subset == s.index and x.index in self.excluded)
+                    lines.append(f"  subset {s.index}: validation only, {held} images held out from {s.metadata_file}")
+                    continue
                 extras = [k for k in ("flip_aug", "color_aug", "random_crop") if getattr(s, k)]
                 lines.append(f"  subset {s.index}: {n} images x {s.num_repeats} repeats from {s.metadata_file}"
                              + (f" ({', '.join(extras)})" if extras else ""))

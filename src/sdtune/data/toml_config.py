@@ -39,7 +39,7 @@ SUBSET_ASCENDABLE: dict[str, str] = {
     "caption_dropout_every_n_epochs": _INT, "caption_tag_dropout_rate": _FLOAT, "alpha_mask": _BOOL,
     "face_crop_aug_range": "list", "custom_attributes": "dict", "resize_interpolation": _STR,
 }
-SUBSET_ONLY: dict[str, str] = {"metadata_file": _STR, "image_dir": _STR}
+SUBSET_ONLY: dict[str, str] = {"metadata_file": _STR, "image_dir": _STR, "is_validation": _BOOL}
 DATASET_KEYS: dict[str, str] = {
     "batch_size": _INT, "resolution": "resolution", "enable_bucket": _BOOL, "min_bucket_reso": _INT,
     "max_bucket_reso": _INT, "bucket_reso_steps": _INT, "bucket_no_upscale": _BOOL, "network_multiplier": _FLOAT,
@@ -70,6 +70,8 @@ class SubsetSpec:
     caption_options: dict[str, Any]
     custom_attributes: dict[str, Any] | None = None
     where: str = ""
+    # sdtune's key: every image of the subset is held out for the validation loss, none is trained on
+    is_validation: bool = False
 
 
 @dataclass(frozen=True)
@@ -278,10 +280,13 @@ def dataset_specs(options: DatasetOptions, *, default_resolution: int | Size | N
                 random_crop=bool(_lookup("random_crop", s_tables, options)),
                 resize_interpolation=_lookup("resize_interpolation", s_tables, options),
                 caption_options=caption, custom_attributes=_lookup("custom_attributes", s_tables, options),
-                where=s_where))
+                where=s_where, is_validation=bool(subset.get("is_validation", False))))
             subset_index += 1
         if not subset_specs:
             raise UserError("every subset of this dataset was skipped", where=d_where)
+        if all(s.is_validation for s in subset_specs):
+            raise UserError("every subset of this dataset is a validation subset: it has nothing to train on",
+                            where=d_where, fix="Add a training subset, or drop is_validation from one.")
         specs.append(DatasetSpec(
             index=d_index, resolution=resolution, batch_size=int(_lookup("batch_size", d_tables, options)),
             enable_bucket=enable_bucket, min_bucket_reso=min_reso, max_bucket_reso=max_reso, bucket_reso_steps=step,

@@ -57,10 +57,17 @@ def dry_run(opts: TrainOptions) -> None:
     family, how = peek_family(opts.pretrained_model_name_or_path, opts.v2, opts.v_parameterization)
     print(f"model: {opts.pretrained_model_name_or_path} — "
           f"{family.title if family else 'family unknown (SD1 defaults assumed)'} ({how})")
+    from sdtune.train.validation import check_options, split_plan
+
     plan = build_plan(opts, seed=opts.effective_seed, default_resolution=(family or SD1).resolution)
+    seed = opts.effective_seed if opts.validation_seed is None else opts.validation_seed
+    plan, held_out = split_plan(plan, opts.validation_split, seed)  # as the run will
+    check_options(opts, held_out)
     accum = opts.gradient_accumulation_steps
     print(plan.summary(1, accum))
     print(cache_plan_summary(plan))
+    if held_out:
+        print(f"validation: {len(held_out)} held-out images (never trained on)")
     per_epoch = plan.steps_per_epoch(1, accum)
     steps = opts.max_train_epochs * per_epoch if opts.max_train_epochs else opts.max_train_steps
     print(f"training: {steps} optimizer steps = {math.ceil(steps / max(1, per_epoch))} epochs of {per_epoch} steps "

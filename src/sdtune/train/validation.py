@@ -43,10 +43,13 @@ NUM_TIMESTEPS = 4
 
 def split_plan(plan: "DatasetPlan", split: float, seed: int) -> tuple["DatasetPlan", list["Sample"]]:
     """(training plan, held-out samples). A dataset's own `validation_split` / `validation_seed`
-    win over `split` / `seed` (the command line), as every dataset key does."""
+    win over `split` / `seed` (the command line), as every dataset key does; a subset with
+    `is_validation = true` is held out whole, and the split applies to the other subsets."""
     held: list = []
     asked = []
     for d in plan.datasets:
+        validation_subsets = {sub.index for sub in d.subsets if getattr(sub, "is_validation", False)}
+        held += [s for s in plan.active if s.subset in validation_subsets]
         fraction = getattr(d, "validation_split", None)
         fraction = split if fraction is None else fraction
         if not fraction:
@@ -55,6 +58,8 @@ def split_plan(plan: "DatasetPlan", split: float, seed: int) -> tuple["DatasetPl
         d_seed = getattr(d, "validation_seed", None)
         d_seed = seed if d_seed is None else d_seed
         for sub in d.subsets:
+            if sub.index in validation_subsets:
+                continue
             samples = [s for s in plan.active if s.subset == sub.index]
             # random.Random(seed).shuffle draws exactly what random.seed(seed); random.shuffle does
             random.Random(d_seed).shuffle(samples)
@@ -221,4 +226,5 @@ def check_options(opts, held_out: list) -> None:
              if getattr(opts, k) is not None]
     if given and not held_out:
         raise UserError(f"{', '.join(given)} given but no images are held out for validation",
-                        where=given[0], fix="Add --validation_split 0.1 (or validation_split in the dataset config).")
+                        where=given[0], fix="Add --validation_split 0.1 (or, in the dataset config, validation_split or a "
+                            "subset with is_validation = true).")
