@@ -1,6 +1,6 @@
 """Loader overhead: training-step time fed by the real loader vs the same batches already in memory.
 
-    python bench/loader_overhead.py [--n 48] [--steps 30] [--workers 2] [--cached]
+    python bench/loader_overhead.py [--n 48] [--steps 30] [--workers 2] [--cached] [--repeats 3]
 
 The step is a tiny U-Net forward + backward + AdamW on the batch (latents encoded by the tiny VAE
 when not cached). Goal: ratio <= 1.05. Prints JSON lines.
@@ -8,6 +8,7 @@ when not cached). Goal: ratio <= 1.05. Prints JSON lines.
 
 import argparse
 import json
+import statistics
 import shutil
 import tempfile
 import time
@@ -21,6 +22,7 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--cached", action="store_true", help="cache latents to disk first")
+    ap.add_argument("--repeats", type=int, default=3, help="measurements of each side, in alternating order")
     args = ap.parse_args()
 
     import torch
@@ -69,28 +71,45 @@ def main():
             return out[:n]
 
         memory = batches(args.steps)  # also warms the workers
-        for b in memory[:3]:
+        for b in memory[:5]:
             step(b)
-        t = time.perf_counter()
-        for b in memory:
-            step(b)
-        t_mem = time.perf_counter() - t
-        t = time.perf_counter()
-        done, epoch = 0, 0
-        while done < args.steps:
-            sampler.set_epoch(epoch)
-            for b in loader:
+
+        def from_memory() -> float:
+            t = time.perf_counter()
+            for b in memory:
                 step(b)
-                done += 1
-                if done == args.steps:
-                    break
-            epoch += 1
-        t_loader = time.perf_counter() - t
-        print(json.dumps({"bench": "loader_overhead", "cached": args.cached, "workers": args.workers,
-                          "batch": args.batch, "steps": args.steps,
-                          "ms_per_step_memory": round(1000 * t_mem / args.steps, 1),
-                          "ms_per_step_loader": round(1000 * t_loader / args.steps, 1),
-                          "ratio": round(t_loader / t_mem, 3)}))
+            return time.perf_counter() - t
+
+        def from_loader() -> float:
+            t = time.perf_counter()
+            done, epoch = 0, 0
+            while done < args.steps:
+                sampler.set_epoch(epoch)
+                for b in loader:
+                    step(b)
+                    done += 1
+                    if done == args.steps:
+                        break
+                epoch += 1
+            return time.perf_counter() - t
+
+        # alternate the order, so that drift in the machine's speed hits both sides alike
+        t_mem, t_loader, ratios = [], [], []
+        for r in range(args.repeats):
+            if r % 2 == 0:
+                m, ld = from_memory(), from_loader()
+            else:
+                ld, m = from_loader(), from_memory()
+            t_mem.append(m)
+            t_loader.append(ld)
+            ratios.append(ld / m)
+            print(json.dumps({"bench": "loader_overhead", "repeat": r, "ms_per_step_memory": round(1000 * m / args.steps, 1),
+                              "ms_per_step_loader": round(1000 * ld / args.steps, 1), "ratio": round(ld / m, 3)}))
+        print(json.dumps({"bench": "loader_overhead", "summary": True, "cached": args.cached, "workers": args.workers,
+                          "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
+                          "ms_per_step_memory": round(1000 * statistics.median(t_mem) / args.steps, 1),
+                          "ms_per_step_loader": round(1000 * statistics.median(t_loader) / args.steps, 1),
+                          "ratio_median": round(statistics.median(ratios), 3), "goal": 1.05}))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
