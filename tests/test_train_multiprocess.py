@@ -33,11 +33,15 @@ def test_two_cpu_processes_train_one_model(tmp_path, run_in_session):
            "--num_cpu_threads_per_process", "1", str(REPO / "fine_tune.py"),
            f"--pretrained_model_name_or_path={tmp_path / 'model'}", "--in_json", str(tmp_path / "meta.json"),
            f"--train_data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}", "--resolution=64",
-           "--train_batch_size=1", "--learning_rate=1e-3", "--max_train_epochs=1", "--max_data_loader_n_workers=0"]
+           "--train_batch_size=1", "--learning_rate=1e-3", "--max_train_epochs=1", "--max_data_loader_n_workers=0",
+           "--cache_latents_to_disk"]  # each rank encodes its share of the images
     proc = run_in_session(cmd, timeout=240, env=env, cwd=tmp_path)  # a hung rendezvous ends with both ranks
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:]
 
+    # the two ranks' shares together cover every image, once
+    entries = [p for p in (tmp_path / "data" / ".sdtune-cache").glob("*.safetensors")]
+    assert len(entries) == 4, sorted(p.name for p in entries)
     firsts = dict(re.findall(r"^process (\d)/2: first batch (.+)$", out, re.M))
     assert sorted(firsts) == ["1", "2"], out
     assert firsts["1"] != firsts["2"]  # each process draws its own share of the images

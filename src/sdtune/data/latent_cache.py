@@ -56,13 +56,22 @@ _REASONS = (("version", "cache format changed"), ("image", "image changed"), ("s
 # identities
 
 
-def vae_identity(vae) -> str:
-    """SHA-256 of the VAE's weights (names, shapes, dtypes and bytes), in a stable order."""
+def vae_identity(vae, dtype=None) -> str:
+    """SHA-256 of the VAE's weights (names, shapes, dtypes and bytes), in a stable order.
+
+    With `dtype`, of the weights as the encoder computes with them (floating tensors cast to
+    `dtype`): a checkpoint stored in float16 and loaded in float32, or loaded in float32 and encoded
+    in float16, then gives the same identity whichever command loaded it (`sdtune cache` keeps the
+    file's precision; `sdtune train` loads float32), because the encoder sees the same numbers.
+    """
     import torch
 
     h = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor.detach().to("cpu")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -293,7 +302,7 @@ def ensure_latent_cache(plan: DatasetPlan, vae, *, device="cpu", dtype=None, to_
     workers = opts.max_data_loader_n_workers if workers is None else workers
     dtype_name = str(dtype).removeprefix("torch.")
 
-    vae_id = vae_identity(vae)
+    vae_id = vae_identity(vae, dtype)
     hashes = _FileHashes(rank, world_size)
     reuse, todo, failures = _plan_entries(plan, vae_id, dtype_name, to_disk, hashes, rank, world_size,
                                           check=not opts.skip_cache_check)

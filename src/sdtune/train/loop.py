@@ -93,11 +93,14 @@ def train(opts: TrainOptions) -> TrainResult:
     cache = None
     if opts.caches_latents:
         shard = world > 1 and opts.cache_latents_to_disk
-        cache = ensure_latent_cache(plan, vae, device=device, rank=rank if shard else 0, world_size=world if shard else 1,
-                                    progress=main, log=note)
+        # from the model's own full-precision VAE, with the cache's own precision rule (float16 on a
+        # GPU unless --no_half_vae), exactly as `sdtune cache` encodes: its entries are then reused
+        # and the latents never come from weights rounded twice (e.g. bf16, then fp16)
+        cache = ensure_latent_cache(plan, model.vae, device=device, rank=rank if shard else 0,
+                                    world_size=world if shard else 1, progress=main, log=note)
         if shard:  # every rank needs the whole index: a second pass only reads what the others wrote
             accelerator.wait_for_everyone()
-            cache = ensure_latent_cache(plan, vae, device=device, progress=False, log=lambda *a: None)
+            cache = ensure_latent_cache(plan, model.vae, device=device, progress=False, log=lambda *a: None)
         plan = cache.plan
         if vae is not model.vae:
             vae = None  # the compute copy leaves the accelerator; sampling uses the model's own VAE
