@@ -70,3 +70,16 @@ def _run_in_session(cmd: list[str], *, timeout: float = 300, **kwargs):
 @pytest.fixture
 def run_in_session():
     return _run_in_session
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch compute thread for a module's tests, also without pytest-xdist: several threads
+    contending with other processes on the shared 2-core machine run ~10x slower, and forking a
+    process with a live OpenMP pool can hang the child."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,12 +15,7 @@ from sdtune.errors import UserError
 from sdtune.testing import make_dataset, write_tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()  # one thread: ~10x faster on the shared 2-core machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,8 @@ from safetensors.torch import load_file
 from sdtune.cli import main
 from sdtune.testing import make_dataset, write_tiny_model
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # One torch thread: faster on the shared 2-core machine, and safe to fork.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread: also what makes os.fork safe (an OpenMP pool does not survive a fork)
+pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
