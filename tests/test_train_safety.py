@@ -5,6 +5,7 @@ Signals and kills go to a real child process. It is forked from the test process
 torch and the libraries imported) instead of started afresh, which would spend ~10 s importing.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -164,3 +165,38 @@ def test_a_kill_during_the_state_save_keeps_the_previous_state(ws, tmp_path):
     # the next save puts a state in place again and removes the stale one
     assert main(_args(ws, out, "--max_train_steps", "1", "--save_state_on_train_end")) == 0
     assert (out / "N-state" / "train_state.json").is_file() and not (out / "N-state.old").exists()
+
+
+def test_a_full_disk_during_a_save_is_one_clear_line_and_keeps_the_previous_files(ws, tmp_path, capsys,
+                                                                                    monkeypatch):
+    out = tmp_path / "out"
+    assert main(_args(ws, out, "--max_train_steps", "1", "--save_state_on_train_end")) == 0
+    model_before, state_before = _sha(out / "N.safetensors"), _sha(out / "N-state" / "train_state.json")
+    capsys.readouterr()
+
+    # the model file: the disk fills while its bytes are flushed (where a full disk often shows)
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert main(_args(ws, out, "--max_train_steps", "2", "--seed", "6")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"error: {out}: cannot write N.safetensors: the disk is full" in err and "Free some space" in err
+    assert _sha(out / "N.safetensors") == model_before and load_file(str(out / "N.safetensors"))
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # the partial file is gone
+    monkeypatch.undo()
+
+    # the training state: the disk fills while its record is written
+    real_write_text = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.name == "train_state.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert main(_args(ws, out, "--max_train_steps", "2", "--seed", "6", "--save_state_on_train_end")) == 2
+    assert "cannot write N-state: the disk is full" in capsys.readouterr().err
+    assert _sha(out / "N-state" / "train_state.json") == state_before
+    assert not (out / "N-state.partial").exists()

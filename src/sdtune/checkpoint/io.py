@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdtune.errors import UserError
+from sdtune.errors import UserError, write_error
 
 if TYPE_CHECKING:
     import torch
@@ -110,10 +110,20 @@ def _read_pickle(path: Path):
 def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
     """A temporary sibling of `final` to write to; renamed over `final` when the block succeeds."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{final.name}.tmp-"
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent)) if directory else \
-        Path(tempfile.mkstemp(prefix=prefix, dir=final.parent)[1])
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as exc:
+        problem = write_error(exc, final)
+        if problem is not None:
+            raise problem from None
+        raise
     try:
         yield tmp
         if directory and final.exists():
@@ -125,11 +135,14 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        problem = write_error(exc, final)  # a full disk, a read-only folder: one clear line, no traceback
+        if problem is not None:
+            raise problem from None
         raise
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sdtune.errors import UserError
+from sdtune.errors import UserError, write_error
 
 STATE_FILE = "train_state.json"
 FORMAT = 1
@@ -56,13 +56,27 @@ def significant_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def save_state(accelerator, directory: Path, position: Position, options: dict[str, Any], ema=None) -> Path:
     """Write a state folder atomically (all processes call this; the main process renames)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".partial")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
+    try:
+        _write_state(accelerator, directory, tmp, position, options, ema)
+    except BaseException as exc:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial state filling the disk
+        problem = write_error(exc, directory)
+        if problem is not None:
+            raise problem from None
+        raise
+    accelerator.wait_for_everyone()
+    return directory
+
+
+def _write_state(accelerator, directory: Path, tmp: Path, position: Position, options: dict[str, Any], ema) -> None:
+    from safetensors.torch import save_file
+
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
         record = {"format": FORMAT, "position": asdict(position), "options": significant_options(options),
@@ -81,8 +95,6 @@ def save_state(accelerator, directory: Path, position: Position, options: dict[s
         os.replace(tmp, directory)
         if old.exists():
             shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return directory
 
 
 def resolve_state_dir(directory: str | Path) -> Path:
