@@ -119,7 +119,7 @@ def caption_images(image_dir: str | Path, captioner: Captioner, *, options: Blip
     prompt_ids = captioner.tokenizer(prompt.strip(), return_tensors="pt").input_ids if prompt.strip() else None
     kwargs = options.generate_kwargs()
     devices = [torch.cuda.current_device()] if captioner.device.startswith("cuda") else []
-    bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress or not todo, dynamic_ncols=True)
     try:
         for loaded in prefetch_batches(todo, lambda p: (p, load_image(p)), batch_size, num_workers):
             result.unreadable += [p for p, img in loaded if img is None]

@@ -123,7 +123,7 @@ def tag_images(image_dir: str | Path, tagger: Tagger, *, options: TagOptions = T
         (result.skipped_existing if already_done(image) else todo).append(image)
 
     sep = options.caption_separator
-    bar = tqdm(total=len(todo), unit="img", desc="tagging", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="img", desc="tagging", disable=not progress or not todo, dynamic_ncols=True)
     try:
         for batch in _batches(todo, tagger, batch_size, num_workers):
             ok = [(p, arr, size) for p, arr, size in batch if arr is not None]
