@@ -83,7 +83,11 @@ def train(opts: TrainOptions) -> TrainResult:
         note(f"note: {line}")
     compute_dtype = weight_dtype(accelerator)
     vae_dtype = torch.float32 if opts.no_half_vae or device.type == "cpu" else compute_dtype
-    vae = compute_copy(model.vae.requires_grad_(False).eval(), device, vae_dtype)
+    model.vae.requires_grad_(False).eval()
+    # a compute copy only where images are encoded at every step or for validation; cached latents
+    # are encoded from the model's own VAE below
+    needs_vae = not opts.caches_latents or (held_out and main)
+    vae = compute_copy(model.vae, device, vae_dtype) if needs_vae else None
     validator = None
     if held_out and main:  # the other processes wait while the main one validates
         validator = validation.Validator(plan, held_out, objective, max_batches=opts.max_validation_steps,
@@ -102,10 +106,9 @@ def train(opts: TrainOptions) -> TrainResult:
             accelerator.wait_for_everyone()
             cache = ensure_latent_cache(plan, model.vae, device=device, progress=False, log=lambda *a: None)
         plan = cache.plan
-        if vae is not model.vae:
-            vae = None  # the compute copy leaves the accelerator; sampling uses the model's own VAE
-        else:
+        if vae is model.vae:
             vae.to("cpu")
+        vae = None  # a compute copy leaves the accelerator; sampling uses the model's own VAE
     note(plan.summary(world, accum))
 
     # --- text: the one path from caption to conditioning, shared with sampling
