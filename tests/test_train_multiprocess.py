@@ -1,8 +1,9 @@
 """Two data-parallel processes on the CPU through the real `accelerate launch` (gloo).
 
-One subprocess run (~15 s): both processes train (each names its first batch), on different
+A first run (~15 s): both processes train (each names its first batch), on different
 images, an epoch takes half the steps of a single process, both end with identical weights, and
 only the main process writes the model, whose weights match the checksum both processes report.
+A second run: a save that fails on the main process stops both processes at once.
 """
 
 from __future__ import annotations
@@ -59,3 +60,33 @@ def test_two_cpu_processes_train_one_model(tmp_path, run_in_session):
     unet = {k: v for k, v in load_file(str(saved[0])).items() if k.startswith("model.diffusion_model.")}
     total = sum(v.double().sum().item() for v in unet.values())
     assert total == pytest.approx(float(sums.group(1)), rel=1e-9)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo launch is tested on Linux")
+def test_a_save_that_fails_on_the_main_process_stops_both(tmp_path, run_in_session):
+    """The disk fills while the main process saves: both processes stop at once with the message,
+    instead of the other one waiting for the main one at the next barrier."""
+    write_tiny_model(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
+    make_dataset(tmp_path / "data", n=4, seed=0, metadata=tmp_path / "meta.json")
+    # every process of the run (the launcher too) imports this first: fsync reports a full disk
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(
+        "import errno, os\n"
+        "def _full(*args):\n"
+        "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+        "os.fsync = _full\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29548",
+           "--num_cpu_threads_per_process", "1", str(REPO / "fine_tune.py"),
+           f"--pretrained_model_name_or_path={tmp_path / 'model'}", "--in_json", str(tmp_path / "meta.json"),
+           f"--train_data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}", "--resolution=64",
+           "--train_batch_size=1", "--learning_rate=1e-3", "--max_train_steps=2", "--save_every_n_steps=1",
+           "--max_data_loader_n_workers=0"]
+    proc = run_in_session(cmd, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "cannot write last-step00000001.safetensors: the disk is full" in proc.stderr, proc.stderr[-3000:]
+    assert "another process failed (its message is above)" in proc.stderr  # the other rank, told at once
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+    assert not [p.name for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]

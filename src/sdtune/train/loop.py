@@ -187,24 +187,33 @@ def train(opts: TrainOptions) -> TrainResult:
 
     def save(stem: str, step: int, epoch: int, *, final: bool = False) -> None:
         accelerator.wait_for_everyone()
-        if main:
-            meta = build_modelspec(model.family, title=opts.metadata_title or stem, resolution=resolution,
-                                   clip_skip=opts.clip_skip, training={"steps": step, "epochs": epoch, "seed": seed,
-                                                                       "learning_rate": opts.learning_rate})
-            meta.update({f"modelspec.{k}": v for k, v in (("author", opts.metadata_author),
-                         ("description", opts.metadata_description), ("license", opts.metadata_license),
-                         ("tags", opts.metadata_tags)) if v})
-            u, t = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if train_te else model.text_encoder
-            with optim.eval_weights(optimizer):
-                outputs.append(save_trained(model, policy.model_path(stem), unet=u, text_encoder=t, opts=opts,
-                                            metadata=meta, ema=ema, use_ema=opts.save_ema))
-                if ema is not None and not opts.save_ema:
-                    save_trained(model, policy.model_path(stem + "-ema"), unet=u, text_encoder=t, opts=opts,
-                                 metadata=meta, ema=ema, use_ema=True)
-            note(f"saved {outputs[-1]}")
+        failure = None
+        try:
+            if main:
+                _save_model(stem, step, epoch)
+        except Exception as exc:  # raised on every process below, so that none waits for the main one
+            failure = exc
+        state.raise_together(failure, accelerator)
         if opts.save_state and not final:
             state.save_state(accelerator, policy.state_path(stem), position, options_dict, ema)
         accelerator.wait_for_everyone()
+
+    def _save_model(stem: str, step: int, epoch: int) -> None:
+        """The model file(s) of one save point (main process only)."""
+        meta = build_modelspec(model.family, title=opts.metadata_title or stem, resolution=resolution,
+                               clip_skip=opts.clip_skip, training={"steps": step, "epochs": epoch, "seed": seed,
+                                                                   "learning_rate": opts.learning_rate})
+        meta.update({f"modelspec.{k}": v for k, v in (("author", opts.metadata_author),
+                     ("description", opts.metadata_description), ("license", opts.metadata_license),
+                     ("tags", opts.metadata_tags)) if v})
+        u, t = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if train_te else model.text_encoder
+        with optim.eval_weights(optimizer):
+            outputs.append(save_trained(model, policy.model_path(stem), unet=u, text_encoder=t, opts=opts,
+                                        metadata=meta, ema=ema, use_ema=opts.save_ema))
+            if ema is not None and not opts.save_ema:
+                save_trained(model, policy.model_path(stem + "-ema"), unet=u, text_encoder=t, opts=opts,
+                             metadata=meta, ema=ema, use_ema=True)
+        note(f"saved {outputs[-1]}")
 
     validation_losses: list[tuple[int, float]] = []
 

@@ -61,17 +61,34 @@ def save_state(accelerator, directory: Path, position: Position, options: dict[s
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
+    failure = None
     try:
         _write_state(accelerator, directory, tmp, position, options, ema)
     except BaseException as exc:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial state filling the disk
-        problem = write_error(exc, directory)
-        if problem is not None:
-            raise problem from None
-        raise
-    accelerator.wait_for_everyone()
+        if not isinstance(exc, Exception):  # Ctrl-C twice: abort at once
+            raise
+        failure = write_error(exc, directory) or exc
+    raise_together(failure, accelerator)
     return directory
+
+
+def raise_together(error: BaseException | None, accelerator) -> None:
+    """Raise on every process when any process failed; a barrier otherwise.
+
+    Saving happens on the main process; if it failed there alone (a full disk), the others would
+    wait at the next collective until its timeout (30 minutes by default) instead of stopping.
+    """
+    if accelerator.num_processes > 1:
+        import torch
+
+        flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+        failed = bool(accelerator.reduce(flag, reduction="max").item())
+        if failed and error is None:
+            error = UserError("another process failed (its message is above); this one stops with it")
+    if error is not None:
+        raise error
 
 
 def _write_state(accelerator, directory: Path, tmp: Path, position: Position, options: dict[str, Any], ema) -> None:
