@@ -107,3 +107,14 @@ def test_debug_shows_traceback(tmp_path):
                              "--output_dir", "o", "--in_json", str(tmp_path / "missing.json")],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" in result.stderr and "UserError" in result.stderr
+
+
+def test_windows_path_in_double_quotes_gets_a_hint(capsys, tmp_path):
+    (tmp_path / "ds.toml").write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "C:\\data\\img"\n')
+    code, _, err = run_cli(capsys, "train", "--pretrained_model_name_or_path", "m", "--output_dir", "o",
+                           "--dataset_config", str(tmp_path / "ds.toml"))
+    assert code == 2 and "ds.toml: not valid TOML" in err and "single quotes ('C:\\data\\img')" in err
+    # the hint's spelling is valid TOML and reads as the path
+    import tomllib
+
+    assert tomllib.loads("image_dir = 'C:\\data\\img'")["image_dir"] == "C:\\data\\img"

@@ -103,7 +103,11 @@ def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"not valid TOML ({exc})", where=str(path)) from None
+        fix = None
+        if "\\" in str(exc):  # a Windows path in "double quotes", where backslashes are escapes
+            fix = ("Write Windows paths in single quotes ('C:\\data\\img'), which take backslashes "
+                   "literally, or with forward slashes (\"C:/data/img\").")
+        raise UserError(f"not valid TOML ({exc})", where=str(path), fix=fix) from None
     except UnicodeDecodeError:
         raise UserError("not a UTF-8 text file", where=str(path)) from None
 
