@@ -92,3 +92,65 @@ def test_cache_without_a_model_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no model given" in err and "--pretrained_model_name_or_path" in err
     assert torch  # the test module imports torch for the hook
+
+
+def test_sd_scripts_prepare_buckets_latents_command_line(ws, tmp_path, capsys):
+    """sd-scripts' documented step (its own script writes no latents at this snapshot): here the
+    latents are cached, out_json gets each image's bucket, and the printed training line reuses them."""
+    import json
+    import shlex
+
+    make_dataset(tmp_path / "img", n=5, seed=4, metadata=tmp_path / "meta.json")
+    with EncoderCalls() as prep:
+        code = main(["prepare_buckets_latents", str(tmp_path / "img"), str(tmp_path / "meta.json"),
+                     str(tmp_path / "meta_lat.json"), str(ws / "model16.safetensors"), "--batch_size", "2",
+                     "--max_resolution", "64,64", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
+                     "--bucket_reso_steps", "32", "--mixed_precision", "no", "--skip_existing"])
+    assert code == 0 and prep.calls > 0
+    err = capsys.readouterr().err
+    meta = json.loads((tmp_path / "meta_lat.json").read_text())
+    original = json.loads((tmp_path / "meta.json").read_text())
+    assert meta.keys() == original.keys()
+    entries = _entries(tmp_path)
+    assert len(entries) == 5
+    for key, record in meta.items():
+        assert {k: v for k, v in record.items() if k != "train_resolution"} == original[key]
+        # the bucket it names is the size the cached latents were encoded at (latents are 1/8 of it)
+        entry = next(p for p in entries if p.name.startswith(f"{key}."))
+        latent = next(t for t in load_file(str(entry)).values() if t.dim() == 3)  # (4, h/8, w/8)
+        assert record["train_resolution"] == [latent.shape[2] * 8, latent.shape[1] * 8], key
+        w, h = record["train_resolution"]
+        assert w * h <= 64 * 64 and w % 32 == 0 and h % 32 == 0
+
+    # the training line it prints reuses every entry: no VAE encoder call
+    line = next(l for l in err.splitlines() if l.startswith("train with the cached latents:"))
+    flags = shlex.split(line.split("fine_tune.py) ", 1)[1].removesuffix(" ..."))
+    assert flags[:2] == ["--in_json", str(tmp_path / "meta_lat.json")]
+    with EncoderCalls() as train_run:
+        code = main(["train", *flags, "--pretrained_model_name_or_path", str(ws / "model16.safetensors"),
+                     "--output_dir", str(tmp_path / "out"), "--train_batch_size", "1", "--max_train_steps", "1",
+                     "--max_data_loader_n_workers", "0"])
+    assert code == 0 and train_run.calls == 0
+
+
+def test_prepare_buckets_latents_refuses_what_it_cannot_do(ws, tmp_path, capsys):
+    make_dataset(tmp_path / "img", n=2, seed=4, metadata=tmp_path / "meta.json")
+    base = ["prepare_buckets_latents", str(tmp_path / "img"), str(tmp_path / "meta.json"), str(tmp_path / "o.json"),
+            str(ws / "model32.safetensors")]
+    assert main([*base, "--mixed_precision", "bf16"]) == 2
+    assert "--mixed_precision bf16" in capsys.readouterr().err
+    assert main([*base, "--alpha_mask"]) == 2
+    assert "alpha masks are not supported" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists() and not (tmp_path / "img" / ".sdtune-cache").exists()
+
+
+def test_prepare_buckets_latents_script_help():
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "finetune" / "prepare_buckets_latents.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "usage: prepare_buckets_latents.py" in proc.stdout
+    assert all(name in proc.stdout for name in ("train_data_dir", "in_json", "out_json", "model_name_or_path",
+                                                "--max_resolution", "--mixed_precision", "--bucket_no_upscale"))

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tag": ("sdtune.prep.tag_command", "write WD14 / DeepDanbooru tags next to images"),
     "merge": ("sdtune.prep.merge_command", "merge caption and tag files into a metadata file"),
     "clean": ("sdtune.prep.clean_command", "clean captions and tags in a metadata file"),
+    "prepare_buckets_latents": ("sdtune.data.prepare_legacy",
+                                "sd-scripts' finetune/prepare_buckets_latents.py command line (runs cache)"),
     "demo": ("sdtune.demo", "build a tiny model and dataset, train it, show the results"),
 }
 
