@@ -22,20 +22,26 @@ from sdtune.testing import make_dataset, write_tiny_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="gloo launch is tested on Linux")
-def test_two_cpu_processes_train_one_model(tmp_path, run_in_session):
+def _two_processes(tmp_path: Path, port: int, *train_flags: str) -> tuple[list[str], dict]:
+    """`accelerate launch` of fine_tune.py with 2 gloo processes on a tiny model and 4 images."""
     write_tiny_model(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
     make_dataset(tmp_path / "data", n=4, seed=0, metadata=tmp_path / "meta.json")
     # ACCELERATE_USE_CPU makes accelerate pick MULTI_CPU (gloo) instead of silently running
     # two independent single processes (environment-facts §5)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29547",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            "--num_cpu_threads_per_process", "1", str(REPO / "fine_tune.py"),
            f"--pretrained_model_name_or_path={tmp_path / 'model'}", "--in_json", str(tmp_path / "meta.json"),
            f"--train_data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}", "--resolution=64",
-           "--train_batch_size=1", "--learning_rate=1e-3", "--max_train_epochs=1", "--max_data_loader_n_workers=0",
-           "--cache_latents_to_disk"]  # each rank encodes its share of the images
+           "--train_batch_size=1", "--learning_rate=1e-3", "--max_data_loader_n_workers=0", *train_flags]
+    return cmd, env
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo launch is tested on Linux")
+def test_two_cpu_processes_train_one_model(tmp_path, run_in_session):
+    # each rank encodes its share of the images
+    cmd, env = _two_processes(tmp_path, 29547, "--max_train_epochs=1", "--cache_latents_to_disk")
     proc = run_in_session(cmd, timeout=240, env=env, cwd=tmp_path)  # a hung rendezvous ends with both ranks
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,8 +72,7 @@ def test_two_cpu_processes_train_one_model(tmp_path, run_in_session):
 def test_a_save_that_fails_on_the_main_process_stops_both(tmp_path, run_in_session):
     """The disk fills while the main process saves: both processes stop at once with the message,
     instead of the other one waiting for the main one at the next barrier."""
-    write_tiny_model(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
-    make_dataset(tmp_path / "data", n=4, seed=0, metadata=tmp_path / "meta.json")
+    cmd, env = _two_processes(tmp_path, 29548, "--max_train_steps=2", "--save_every_n_steps=1")
     # every process of the run (the launcher too) imports this first: fsync reports a full disk
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(
@@ -75,15 +80,7 @@ def test_a_save_that_fails_on_the_main_process_stops_both(tmp_path, run_in_sessi
         "def _full(*args):\n"
         "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
         "os.fsync = _full\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29548",
-           "--num_cpu_threads_per_process", "1", str(REPO / "fine_tune.py"),
-           f"--pretrained_model_name_or_path={tmp_path / 'model'}", "--in_json", str(tmp_path / "meta.json"),
-           f"--train_data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}", "--resolution=64",
-           "--train_batch_size=1", "--learning_rate=1e-3", "--max_train_steps=2", "--save_every_n_steps=1",
-           "--max_data_loader_n_workers=0"]
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "inject"), os.environ.get("PYTHONPATH", "")])
     proc = run_in_session(cmd, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode != 0
     assert "cannot write last-step00000001.safetensors: the disk is full" in proc.stderr, proc.stderr[-3000:]
