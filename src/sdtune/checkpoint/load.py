@@ -233,12 +233,17 @@ def _load_hub(repo: str, v2, v_param, dtype):
 
     from sdtune.model import SDModel
 
+    import warnings
+
     try:
-        unet = UNet2DConditionModel.from_pretrained(repo, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(repo, subfolder="vae", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(repo, subfolder="text_encoder", dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer")
-        sched = dict(DDPMScheduler.load_config(repo, subfolder="scheduler"))
+        with warnings.catch_warnings():
+            # diffusers passes huggingface_hub a deprecated argument: a warning for them, not our users
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            unet = UNet2DConditionModel.from_pretrained(repo, subfolder="unet", torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(repo, subfolder="vae", torch_dtype=dtype)
+            text_encoder = CLIPTextModel.from_pretrained(repo, subfolder="text_encoder", dtype=dtype)
+            tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer")
+            sched = dict(DDPMScheduler.load_config(repo, subfolder="scheduler"))
     except Exception as exc:  # hub errors come as OSError, ValueError, HTTP and offline errors
         raise UserError(
             f"could not load {repo!r} from the Hugging Face Hub or its cache ({type(exc).__name__}: {str(exc)[:160]})",
