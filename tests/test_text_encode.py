@@ -258,3 +258,32 @@ def test_sd2_exclamation_mark_is_a_word_not_padding():
     ids = chunker(["Hello, world!"]).ids[0, 0, :8].tolist()
     assert ids == [49406, 3306, 267, 1002, 256, 49407, 0, 0]
     assert pickle.loads(pickle.dumps(chunker))(["Hello, world!"]).ids[0, 0, :8].tolist() == ids
+
+
+def test_break_starts_a_new_window_in_weighted_prompts(model):
+    """A1111's BREAK, written out: the windows are built here from the tokenizer's ids of each part."""
+    tok, fam = model.tokenizer, model.family
+    pad = pad_of(model)
+    cond = TextConditioner(tok, model.text_encoder, fam, max_token_length=225, weighted=True)
+
+    def ids(text):
+        return tok(text, add_special_tokens=False).input_ids
+
+    def window(content):
+        return [BOS, *content, EOS] + [pad] * (75 - len(content))
+
+    full = caption_of(75)
+    batch = cond.tokenize(["a photo BREAK of a (cat:1.2)", "BREAK cat", f"{full} BREAK cat", "a BREAK b BREAK c BREAK d",
+                           "a break b"])
+    assert batch.ids[0].tolist() == [window(ids("a photo")), window(ids("of a cat")), window([])]
+    assert batch.weights[0, 1].tolist() == pytest.approx([1.0, 1.0, 1.0, 1.2] + [1.0] * 73)
+    assert batch.ids[1].tolist() == [window([]), window(ids("cat")), window([])]  # an empty first window
+    # a BREAK right after a full window adds no empty one (A1111)
+    assert batch.ids[2].tolist() == [window(ids(full)), window(ids("cat")), window([])]
+    # four windows do not fit in three: the fourth is cut and the cut is counted
+    assert batch.ids[3].tolist() == [window(ids("a")), window(ids("b")), window(ids("c"))]
+    assert batch.lengths[3] == 3 * 75 + 1 and batch.truncated == [False, False, False, True, False]
+    assert batch.ids[4, 0].tolist() == window(ids("a break b"))  # only the upper-case keyword
+    # without --weighted_captions BREAK is a word, as in sd-scripts
+    plain = TextConditioner(tok, model.text_encoder, fam, max_token_length=225)
+    assert plain.tokenize(["a photo BREAK of a cat"]).ids[0, 0].tolist() == window(ids("a photo BREAK of a cat"))

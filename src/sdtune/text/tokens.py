@@ -14,6 +14,7 @@ the same conditioning here. Tokens beyond 75·n are cut and counted (`TokenBatch
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 CHUNK = 75  # content tokens per window
 WINDOW = CHUNK + 2  # BOS + content + end: CLIP's 77 positions
 ALLOWED_LENGTHS = (75, 150, 225)
+# A1111's BREAK (weighted prompts): the text after it starts a new 75-token window. In content ids
+# it is this marker, never a real token id.
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+BREAK_ID = -1
 
 
 def check_max_token_length(value: int | None) -> int:
@@ -149,19 +154,51 @@ class ChunkedTokenizer:
         prompts = [p if p is not None else "" for p in prompts]
         if not self.weighted:
             return self._ids(prompts), None
-        parsed = [parse_weights(p) for p in prompts]
-        fragment_ids = iter(self._ids([text for pieces in parsed for text, _ in pieces]))
+        # (text, weight) pieces, a BREAK anywhere in a piece's text becoming its own (None, 1.0) piece
+        parsed = []
+        for prompt in prompts:
+            pieces: list[tuple[str | None, float]] = []
+            for text, weight in parse_weights(prompt):
+                for k, part in enumerate(_BREAK.split(text)):
+                    if k:
+                        pieces.append((None, 1.0))
+                    pieces.append((part, weight))
+            parsed.append(pieces)
+        fragment_ids = iter(self._ids([text for pieces in parsed for text, _ in pieces if text is not None]))
         all_ids, all_weights = [], []
         for pieces in parsed:
             ids: list[int] = []
             weights: list[float] = []
-            for _, weight in pieces:
-                frag = next(fragment_ids)
+            for text, weight in pieces:
+                frag = [BREAK_ID] if text is None else next(fragment_ids)
                 ids.extend(frag)
                 weights.extend([weight] * len(frag))
             all_ids.append(ids)
             all_weights.append(weights)
         return all_ids, all_weights
+
+    @staticmethod
+    def _windows(ids: list[int], weights: list[float] | None) -> tuple[list[list[int]], list[list[float]]]:
+        """Content ids cut into windows of at most 75: a window is closed when the next token does not
+        fit, or at a BREAK (A1111's rule: a BREAK right after a full window adds no empty one; a
+        BREAK elsewhere closes the window, empty or not)."""
+        windows: list[list[int]] = []
+        window_weights: list[list[float]] = []
+        current: list[int] = []
+        current_w: list[float] = []
+        for k, token in enumerate(ids):
+            if token == BREAK_ID or len(current) == CHUNK:
+                windows.append(current)
+                window_weights.append(current_w)
+                current, current_w = [], []
+                if token == BREAK_ID:
+                    continue
+            current.append(token)
+            current_w.append(1.0 if weights is None else weights[k])
+        if current or not windows:
+            windows.append(current)
+            window_weights.append(current_w)
+        return windows, window_weights
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         if not texts:
@@ -175,27 +212,29 @@ class ChunkedTokenizer:
         import torch
 
         all_ids, all_weights = self.content(prompts)
-        limit = self.max_token_length
         rows = []
         weight_rows = []
+        lengths = []
         for b, ids in enumerate(all_ids):
-            ids = ids[:limit]
+            windows, window_weights = self._windows(ids, None if all_weights is None else all_weights[b])
+            # positions used before cutting: a BREAK's padding counts, so a cut is always reported
+            lengths.append(CHUNK * (len(windows) - 1) + len(windows[-1]))
+            windows += [[]] * (self.n_chunks - len(windows))  # missing windows are empty
+            window_weights += [[]] * (self.n_chunks - len(window_weights))
             sample, sample_w = [], []
-            for start in range(0, limit, CHUNK):
-                part = ids[start:start + CHUNK]
+            for part, w in zip(windows[:self.n_chunks], window_weights[:self.n_chunks]):
                 sample.append([self.bos, *part, self.eos] + [self.pad] * (CHUNK - len(part)))
-                if all_weights is not None:
-                    w = all_weights[b][start:start + len(part)]
-                    sample_w.append([1.0, *w, 1.0] + [1.0] * (CHUNK - len(part)))
+                sample_w.append([1.0, *w, 1.0] + [1.0] * (CHUNK - len(part)))
             rows.append(sample)
             weight_rows.append(sample_w)
         ids_t = torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.n_chunks, WINDOW)
         weights_t = None
         if all_weights is not None:
             weights_t = torch.tensor(weight_rows, dtype=torch.float32).reshape(len(rows), self.n_chunks, WINDOW)
-        return TokenBatch(ids_t, weights_t, [len(ids) for ids in all_ids])
+        return TokenBatch(ids_t, weights_t, lengths)
 
     def identity(self) -> dict:
         """What, besides the vocabulary, decides the ids of a prompt (for cache keys)."""
         return {"max_token_length": self.max_token_length, "weighted": self.weighted, "bos": self.bos,
-                "eos": self.eos, "pad": self.pad, "family_pad": self.family.pad_token, "layout": "bos-content-eos-pad"}
+                "eos": self.eos, "pad": self.pad, "family_pad": self.family.pad_token, "layout": "bos-content-eos-pad",
+                "break": self.weighted}

@@ -6,7 +6,8 @@
     \\( \\) \\[ \\] \\\\  literal brackets and backslash
 
 An unmatched closing bracket is plain text; a bracket left open weights everything after it, as
-in A1111. A1111's `BREAK` keyword is not supported (it is plain text here).
+in A1111. A1111's `BREAK` (starting a new 75-token window) is handled by the chunking in
+`sdtune.text.tokens`, which splits the pieces returned here.
 
 Written here (about 60 lines) because no maintained library exposes this parser without pulling in
 a whole inference UI; `compel` uses a different syntax. Pure Python, no torch.
