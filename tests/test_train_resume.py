@@ -109,3 +109,28 @@ def test_resume_from_a_missing_or_foreign_folder_is_a_user_error(ws, tmp_path, c
     (tmp_path / "empty").mkdir()
     assert main(_args(ws, tmp_path / "o", "--max_train_steps", "1", "--resume", str(tmp_path / "empty"))) == 2
     assert "not a training state folder" in capsys.readouterr().err
+
+
+def test_a_changed_dataset_is_refused_then_allowed_and_a_moved_one_resumes(ws, full_runs, tmp_path, capsys):
+    import shutil
+
+    state = full_runs["buckets+accumulation"] / "N-step00000002-state"
+    meta = json.loads((ws / "meta.json").read_text())
+    fewer = dict(list(meta.items())[:-1])
+    (tmp_path / "fewer.json").write_text(json.dumps(fewer))
+    args = _args(ws, tmp_path / "o", *CASES["buckets+accumulation"], "--resume", str(state),
+                 "--in_json", str(tmp_path / "fewer.json"))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the dataset differs from the run that saved this state (5 -> 4 images" in err and \
+        "--resume_allow_changes" in err
+    assert not (tmp_path / "o" / "N.safetensors").exists()
+    assert main(args + ["--resume_allow_changes"]) == 0
+    assert "the dataset changed since the state was saved" in capsys.readouterr().out
+    # the same images in another folder: the epoch continues exactly
+    shutil.copytree(ws / "data", tmp_path / "moved")
+    moved = tmp_path / "m"
+    assert main(_args(ws, moved, *CASES["buckets+accumulation"], "--resume", str(state),
+                      "--train_data_dir", str(tmp_path / "moved"))) == 0
+    _assert_identical(full_runs["buckets+accumulation"] / "N.safetensors", moved / "N.safetensors")

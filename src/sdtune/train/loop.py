@@ -110,6 +110,10 @@ def train(opts: TrainOptions) -> TrainResult:
             vae.to("cpu")
         vae = None  # a compute copy leaves the accelerator; sampling uses the model's own VAE
     note(plan.summary(world, accum))
+    dataset = state.dataset_fingerprint(plan)
+    if opts.resume and not state.check_dataset(state.read_state(opts.resume), dataset, opts.resume_allow_changes,
+                                               opts.resume):
+        note("note: the dataset changed since the state was saved; the resumed epoch's order differs")
 
     # --- text: the one path from caption to conditioning, shared with sampling
     train_te = opts.train_text_encoder
@@ -195,7 +199,7 @@ def train(opts: TrainOptions) -> TrainResult:
             failure = exc
         state.raise_together(failure, accelerator)
         if opts.save_state and not final:
-            state.save_state(accelerator, policy.state_path(stem), position, options_dict, ema)
+            state.save_state(accelerator, policy.state_path(stem), position, options_dict, ema, dataset)
         accelerator.wait_for_everyone()
 
     def _save_model(stem: str, step: int, epoch: int) -> None:
@@ -353,7 +357,7 @@ def train(opts: TrainOptions) -> TrainResult:
 
     # --- the end: state on request or interruption, final model, summary
     if stopped or opts.save_state_on_train_end:
-        state.save_state(accelerator, out_dir / f"{name}-state", position, options_dict, ema)
+        state.save_state(accelerator, out_dir / f"{name}-state", position, options_dict, ema, dataset)
         note(f"training state saved to {out_dir / f'{name}-state'} (continue with --resume)")
     if world > 1:
         _check_replicas(accelerator, unet, note)

@@ -12,6 +12,7 @@ a save leaves the previous state untouched.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ STATE_FILE = "train_state.json"
 FORMAT = 1
 
 # Options that may differ between the run that saved a state and the run that resumes it: where
-# things go, how often they are saved or logged, and how long to train. Everything else changes the
+# things go, how often they are saved or logged, how long to train, and where the data lives. Everything else changes the
 # arithmetic of training, so resuming with a different value is refused unless
 # --resume_allow_changes is given.
 MAY_CHANGE = {
@@ -39,6 +40,9 @@ MAY_CHANGE = {
     "metadata_tags", "max_data_loader_n_workers", "persistent_data_loader_workers", "vae_batch_size",
     "skip_cache_check", "cache_dir", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
     "strict",
+    # where the images and their metadata are: the dataset itself is compared by its fingerprint
+    # (dataset_fingerprint), so a moved folder resumes and a changed one is refused
+    "train_data_dir", "in_json",
 }
 
 
@@ -54,7 +58,8 @@ def significant_options(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sorted(options.items()) if k not in MAY_CHANGE}
 
 
-def save_state(accelerator, directory: Path, position: Position, options: dict[str, Any], ema=None) -> Path:
+def save_state(accelerator, directory: Path, position: Position, options: dict[str, Any], ema=None,
+               dataset: dict[str, Any] | None = None) -> Path:
     """Write a state folder atomically (all processes call this; the main process renames)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".partial")
@@ -63,7 +68,7 @@ def save_state(accelerator, directory: Path, position: Position, options: dict[s
     accelerator.wait_for_everyone()
     failure = None
     try:
-        _write_state(accelerator, directory, tmp, position, options, ema)
+        _write_state(accelerator, directory, tmp, position, options, ema, dataset)
     except BaseException as exc:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial state filling the disk
@@ -91,13 +96,16 @@ def raise_together(error: BaseException | None, accelerator) -> None:
         raise error
 
 
-def _write_state(accelerator, directory: Path, tmp: Path, position: Position, options: dict[str, Any], ema) -> None:
+def _write_state(accelerator, directory: Path, tmp: Path, position: Position, options: dict[str, Any], ema,
+                 dataset: dict[str, Any] | None) -> None:
     from safetensors.torch import save_file
 
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
         record = {"format": FORMAT, "position": asdict(position), "options": significant_options(options),
                   "all_options": options, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if dataset is not None:
+            record["dataset"] = dataset
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
             record["ema_updates"] = ema.updates
@@ -147,6 +155,30 @@ def check_compatible(record: dict[str, Any], options: dict[str, Any], allow_chan
         raise UserError(f"the options differ from the run that saved this state: {listed}", where=where,
                         fix="Resume with the same options, or add --resume_allow_changes to accept the differences.")
     return diffs
+
+
+def dataset_fingerprint(plan) -> dict[str, Any]:
+    """What decides the batch order of every epoch: the trained images (by file name, so a moved
+    dataset folder still matches), their subsets and buckets. Saved with the state, so that a resume
+    over a changed dataset, whose epochs would no longer continue where they stopped, is noticed."""
+    h = hashlib.sha256()
+    for s in plan.active:
+        h.update(f"{s.subset}\t{Path(s.path).name}\t{s.bucket[0]}x{s.bucket[1]}\n".encode())
+    return {"images": len(plan.active), "sha256": h.hexdigest()}
+
+
+def check_dataset(record: dict[str, Any], now: dict[str, Any], allow_changes: bool, where: str) -> bool:
+    """True when the dataset matches the one the state was saved with (or the state predates the
+    check); a different one is refused unless allowed."""
+    saved = record.get("dataset")
+    if saved is None or saved == now:
+        return True
+    if not allow_changes:
+        raise UserError(f"the dataset differs from the run that saved this state ({saved['images']} -> {now['images']} "
+                        "images, or other files or buckets): the resumed epoch would not continue where it stopped",
+                        where=where, fix="Resume with the same images and bucket options, or add "
+                                         "--resume_allow_changes to continue anyway (the order of the epoch changes).")
+    return False
 
 
 def load_state(accelerator, directory: str | Path, ema=None) -> Position:
