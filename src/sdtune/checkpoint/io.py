@@ -111,6 +111,7 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
     """A temporary sibling of `final` to write to; renamed over `final` when the block succeeds."""
     final = Path(final)
     prefix = f".{final.name}.tmp-"
+    tmp: Path | None = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         if directory:
@@ -119,12 +120,6 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
             fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
             os.close(fd)
             tmp = Path(name)
-    except OSError as exc:
-        problem = write_error(exc, final)
-        if problem is not None:
-            raise problem from None
-        raise
-    try:
         yield tmp
         if directory and final.exists():
             # A folder cannot be renamed over a non-empty one: move the old one aside first, so
@@ -136,9 +131,9 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
         else:
             os.replace(tmp, final)
     except BaseException as exc:
-        if tmp.is_dir():
+        if tmp is not None and tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        elif tmp is not None:
             tmp.unlink(missing_ok=True)
         problem = write_error(exc, final)  # a full disk, a read-only folder: one clear line, no traceback
         if problem is not None:

@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sdtune.config import parse_options
     from sdtune.data.command import CacheOptions
     from sdtune.data.metadata import read_metadata, resolve_key
 
@@ -79,14 +80,7 @@ def run(args: argparse.Namespace) -> int:
               "no_half_vae": args.mixed_precision == "no", "pretrained_model_name_or_path": args.model_name_or_path}
     if args.max_data_loader_n_workers is not None:
         values["max_data_loader_n_workers"] = args.max_data_loader_n_workers
-    from pydantic import ValidationError
-
-    try:
-        opts = CacheOptions(**values)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise UserError(err["msg"].removeprefix("Value error, "), where=f"--{err['loc'][0]}" if err["loc"] else None) \
-            from None
+    opts = parse_options(CacheOptions, values)  # the options' own checks, as one-line errors
     meta = read_metadata(args.in_json)  # before the long part: a bad file fails at once
 
     from sdtune.data.command import cache_latents

@@ -57,8 +57,9 @@ def train(opts: TrainOptions) -> TrainResult:
     seed, world, rank = opts.effective_seed, accelerator.num_processes, accelerator.process_index
     device, accum = accelerator.device, opts.gradient_accumulation_steps
     options_dict = opts.model_dump(mode="json")
-    if opts.resume:  # refuse a mismatched resume before any expensive work
-        state.check_compatible(state.read_state(opts.resume), options_dict, opts.resume_allow_changes, opts.resume)
+    resume_record = state.read_state(opts.resume) if opts.resume else None
+    if resume_record:  # refuse a mismatched resume before any expensive work
+        state.check_compatible(resume_record, options_dict, opts.resume_allow_changes, opts.resume)
     schedule = sampling.SampleSchedule(opts.sample_every_n_steps, opts.sample_every_n_epochs, opts.sample_at_first)
     for line in sampling.check_sampling_options(opts.sample_prompts, opts.sample_every_n_steps,
                                                 opts.sample_every_n_epochs, opts.sample_at_first):
@@ -73,8 +74,7 @@ def train(opts: TrainOptions) -> TrainResult:
                                   use_ema_weights=opts.use_ema_weights, dtype=torch.float32, verbose=main)
     if not opts.resolution and model.family.resolution != (guess or SD1).resolution:
         plan = build_plan(opts, seed=seed, default_resolution=model.family.resolution)
-    plan, held_out = validation.split_plan(plan, opts.validation_split,
-                                           seed if opts.validation_seed is None else opts.validation_seed)
+    plan, held_out = validation.split_plan(plan, opts.validation_split, opts.effective_validation_seed)
     validation.check_options(opts, held_out)
     plan.check_fill(world, accum)
     # the objective owns the (possibly rescaled) noise schedule
@@ -91,7 +91,7 @@ def train(opts: TrainOptions) -> TrainResult:
     validator = None
     if held_out and main:  # the other processes wait while the main one validates
         validator = validation.Validator(plan, held_out, objective, max_batches=opts.max_validation_steps,
-                                         seed=seed if opts.validation_seed is None else opts.validation_seed)
+                                         seed=opts.effective_validation_seed)
         validator.encode_images(vae, device, model.vae.config.scaling_factor, strict=opts.strict)
         note(validator.describe())
     cache = None
@@ -111,8 +111,7 @@ def train(opts: TrainOptions) -> TrainResult:
         vae = None  # a compute copy leaves the accelerator; sampling uses the model's own VAE
     note(plan.summary(world, accum))
     dataset = state.dataset_fingerprint(plan)
-    if opts.resume and not state.check_dataset(state.read_state(opts.resume), dataset, opts.resume_allow_changes,
-                                               opts.resume):
+    if resume_record and not state.check_dataset(resume_record, dataset, opts.resume_allow_changes, opts.resume):
         note("note: the dataset changed since the state was saved; the resumed epoch's order differs")
 
     # --- text: the one path from caption to conditioning, shared with sampling
@@ -335,7 +334,8 @@ def train(opts: TrainOptions) -> TrainResult:
                     save(step_stem(name, global_step), global_step, epoch + 1)
                     if main:
                         policy.prune_steps(global_step)
-                if _stop_everywhere(stop.requested, accelerator) or global_step >= max_steps:
+                # all processes stop at the same step if any was asked to (they must save together)
+                if state.any_process(stop.requested, accelerator) or global_step >= max_steps:
                     stopped = global_step < max_steps
                     break
             if stopped:
@@ -418,13 +418,3 @@ def _check_replicas(accelerator, unet, note) -> None:
     same = len(set(sums)) == 1
     note(f"U-Net weight checksum per process: {', '.join(f'{s:.17g}' for s in sums)} "
          f"({'identical' if same else 'DIFFERENT: the processes drifted apart; please report this'})")
-
-
-def _stop_everywhere(requested: bool, accelerator) -> bool:
-    """All processes stop at the same step if any of them was asked to (they must save together)."""
-    if accelerator.num_processes == 1:
-        return requested
-    import torch
-
-    flag = torch.tensor([1.0 if requested else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="max").item())

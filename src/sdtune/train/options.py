@@ -220,3 +220,7 @@ class TrainOptions(ModelOptions, DatasetOptions, TrainingOptions, NoiseLossOptio
     @property
     def effective_seed(self) -> int:
         return 42 if self.seed is None else self.seed
+
+    @property
+    def effective_validation_seed(self) -> int:
+        return self.effective_seed if self.validation_seed is None else self.validation_seed

@@ -60,8 +60,7 @@ def dry_run(opts: TrainOptions) -> None:
     from sdtune.train.validation import check_options, split_plan
 
     plan = build_plan(opts, seed=opts.effective_seed, default_resolution=(family or SD1).resolution)
-    seed = opts.effective_seed if opts.validation_seed is None else opts.validation_seed
-    plan, held_out = split_plan(plan, opts.validation_split, seed)  # as the run will
+    plan, held_out = split_plan(plan, opts.validation_split, opts.effective_validation_seed)  # as the run will
     check_options(opts, held_out)
     accum = opts.gradient_accumulation_steps
     print(plan.summary(1, accum))

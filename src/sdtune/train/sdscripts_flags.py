@@ -59,11 +59,14 @@ def refused(args: argparse.Namespace) -> list[str]:
     for key in vars(args):
         if key.startswith("_unsupported_"):
             name = key.removeprefix("_unsupported_")
-            out.append(f"--{name}: {NOT_SUPPORTED.get(name) or PLANNED[name]}")
+            out.append(f"--{name}: {_why(name)}")
     return out
 
 
 def refused_keys(keys, where: str) -> list[str]:
     """The same messages for keys of a --config_file (sd-scripts' config files hold flag names)."""
-    return [f"{where}: {name}: {NOT_SUPPORTED.get(name) or PLANNED[name]}"
-            for name in keys if name in NOT_SUPPORTED or name in PLANNED]
+    return [f"{where}: {name}: {_why(name)}" for name in keys if name in NOT_SUPPORTED or name in PLANNED]
+
+
+def _why(name: str) -> str:
+    return NOT_SUPPORTED.get(name) or PLANNED[name]

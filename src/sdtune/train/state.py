@@ -27,9 +27,9 @@ STATE_FILE = "train_state.json"
 FORMAT = 1
 
 # Options that may differ between the run that saved a state and the run that resumes it: where
-# things go, how often they are saved or logged, how long to train, and where the data lives. Everything else changes the
-# arithmetic of training, so resuming with a different value is refused unless
-# --resume_allow_changes is given.
+# things go, how often they are saved or logged, how long to train, and where the data lives.
+# Everything else changes the arithmetic of training, so resuming with a different value is
+# refused unless --resume_allow_changes is given.
 MAY_CHANGE = {
     "output_dir", "output_name", "save_model_as", "save_precision", "use_safetensors", "save_every_n_epochs",
     "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps", "save_last_n_epochs_state",
@@ -85,15 +85,20 @@ def raise_together(error: BaseException | None, accelerator) -> None:
     Saving happens on the main process; if it failed there alone (a full disk), the others would
     wait at the next collective until its timeout (30 minutes by default) instead of stopping.
     """
-    if accelerator.num_processes > 1:
-        import torch
-
-        flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
-        failed = bool(accelerator.reduce(flag, reduction="max").item())
-        if failed and error is None:
-            error = UserError("another process failed (its message is above); this one stops with it")
+    if any_process(error is not None, accelerator) and error is None:
+        error = UserError("another process failed (its message is above); this one stops with it")
     if error is not None:
         raise error
+
+
+def any_process(flag: bool, accelerator) -> bool:
+    """True on every process when `flag` is true on any of them (a collective: all must call it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch
+
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="max").item())
 
 
 def _write_state(accelerator, directory: Path, tmp: Path, position: Position, options: dict[str, Any], ema,
