@@ -3,26 +3,31 @@
 # constraints file so that no later install can swap it (on the project's machines any torch
 # request other than torch==2.13.0 downloads a multi-GB CUDA build). Set TORCH_SPEC to choose
 # another build, e.g. `make demo TORCH_SPEC="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"`.
+# Everything else comes at the versions of constraints.txt (the lock), so a fresh clone tests what was
+# tested. `make test-latest` runs the suite against the newest releases in a separate .venv-latest, so
+# that drift is seen on purpose; `make lock` then records those versions in constraints.txt.
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.sdtune-installed
 PYTEST_ARGS ?=
+LOCK       := constraints.txt
+LATEST     ?= .venv-latest
 
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean test-latest lock
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# Keep a torch that is already there; otherwise install the requested one first.
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
 	@$(BIN)/python -W ignore -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > $(VENV)/torch-constraint.txt
-	$(BIN)/python -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-constraint.txt -c $(LOCK) -e ".[dev]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -31,5 +36,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
 
+# The same suite against the newest releases of everything but torch (no lock), in its own venv.
+test-latest:
+	@test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	@$(LATEST)/bin/python -c "import torch" 2>/dev/null || $(LATEST)/bin/python -m pip install -q $(TORCH_SPEC)
+	@$(LATEST)/bin/python -W ignore -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > $(LATEST)/torch-constraint.txt
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-constraint.txt -e ".[dev]"
+	$(LATEST)/bin/python -m pip list --format=freeze 2>/dev/null | grep -i -E '^(accelerate|diffusers|transformers|tokenizers|safetensors|huggingface.hub|pydantic|bitsandbytes)=='
+	$(LATEST)/bin/python -m pytest -n 2 -q $(PYTEST_ARGS)
+
+# Record the versions of .venv-latest (after `make test-latest` passed) as the lock.
+lock:
+	$(LATEST)/bin/python scripts/write_lock.py $(LOCK)
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(LATEST) demo_out .pytest_cache

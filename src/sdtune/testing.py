@@ -59,12 +59,29 @@ def build_tiny_model(family: Family | str = "sd1", seed: int = 0):
         vae = AutoencoderKL.from_config(tiny_config(fam, "vae"))
         te_config = {k: v for k, v in tiny_config(fam, "text_encoder").items() if k not in ("architectures", "model_type")}
         text_encoder = CLIPTextModel(CLIPTextConfig(**te_config))
+        _randomize_layer_norms(text_encoder)
     tokenizer = CLIPTokenizer.from_pretrained(fam.asset_dir / "tokenizer")
     scheduler_config = json.loads((fam.asset_dir / "scheduler" / "scheduler_config.json").read_text())
     for module in (unet, vae, text_encoder):
         module.eval()
     return SDModel(fam, unet, vae, text_encoder, tokenizer, scheduler_config, source=f"tiny random {fam.name} (seed {seed})",
                    detection="built by sdtune.testing")
+
+
+def _randomize_layer_norms(module) -> None:
+    """Give every LayerNorm a random scale and shift, as trained encoders have.
+
+    Freshly initialised LayerNorms have weight 1 and bias 0, so the encoder's output has mean
+    exactly 0 per position: rules that divide by a mean (A1111's weighted-prompt rescaling) would
+    divide 0 by 0, and tests of them could not fail. Draws come from the caller's (forked) RNG.
+    """
+    import torch
+
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(1.0 + 0.2 * torch.randn_like(m.weight))
+                m.bias.copy_(0.2 * torch.randn_like(m.bias))
 
 
 def write_tiny_model(path: str | Path, family: Family | str = "sd1", seed: int = 0, fmt: str | None = None) -> Path:
