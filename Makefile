@@ -23,7 +23,8 @@ export HF_HUB_DISABLE_TELEMETRY ?= 1
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml $(LOCK)
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# (re)create the venv when it is missing or was left without pip by an interrupted creation
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	@# Keep a torch that is already there; otherwise install the requested one first.
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
 	@$(BIN)/python -W ignore -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > $(VENV)/torch-constraint.txt
@@ -38,7 +39,7 @@ test: $(STAMP)
 
 # The same suite against the newest releases of everything but torch (no lock), in its own venv.
 test-latest:
-	@test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	@$(LATEST)/bin/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(LATEST)
 	@$(LATEST)/bin/python -c "import torch" 2>/dev/null || $(LATEST)/bin/python -m pip install -q $(TORCH_SPEC)
 	@$(LATEST)/bin/python -W ignore -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > $(LATEST)/torch-constraint.txt
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-constraint.txt -e ".[dev]"

@@ -14,6 +14,7 @@ import argparse
 import difflib
 import importlib
 import os
+import re
 import sys
 
 from sdtune.errors import UserError
@@ -97,8 +98,34 @@ def _version() -> str:
     return f"sdtune {__version__}"
 
 
+# A negative number as a flag's value: -1, -0.5, -.5, -1e-5, -2E+3.
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def attach_negative_numbers(argv: list[str]) -> list[str]:
+    """`--flag -1e-5` as `--flag=-1e-5`.
+
+    argparse takes a value that starts with "-" for a flag unless it looks like a plain negative
+    number (its pattern misses exponents such as -1e-5), and then reports "expected one argument"
+    instead of the value's real problem. Attached with "=", the value reaches validation, which
+    gives the range message.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if (arg.startswith("--") and "=" not in arg and i + 1 < len(argv)
+                and _NEGATIVE_NUMBER.fullmatch(argv[i + 1])):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = attach_negative_numbers(list(sys.argv[1:] if argv is None else argv))
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None, prog or "sdtune")
     args = parser.parse_args(argv)
