@@ -32,17 +32,14 @@ class TrainResult:
 def train(opts: TrainOptions) -> TrainResult:
     import torch
 
-    from sdtune import checkpoint
     from sdtune.checkpoint import build_modelspec
     from sdtune.console import quiet_libraries
-    from sdtune.data import BucketBatchSampler, build_plan, ensure_latent_cache, make_loader, sample_latents
+    from sdtune.data import BucketBatchSampler, ensure_latent_cache, make_loader, sample_latents
     from sdtune.data.options import parse_resolution
     from sdtune.text import CaptionOptions, TextConditioner, build_caption, process_caption
     from sdtune.train import logs, optim, sampling, state, validation
     from sdtune.train.ema import EMA
-    from sdtune.families import SD1
     from sdtune.train.noise import DiffusionObjective
-    from sdtune.train.plan import peek_family
     from sdtune.train.prompts import load_prompts
     from sdtune.train.saving import SavePolicy, epoch_stem, step_stem
     from sdtune.train.setup import (StopRequest, allow_fp16_gradients, compute_copy, configure_attention, derive_seed,
@@ -67,13 +64,7 @@ def train(opts: TrainOptions) -> TrainResult:
     prompts = load_prompts(opts.sample_prompts) if opts.sample_prompts and schedule.enabled else []
 
     # --- data first (cheap, and the likelier mistakes), then the model: float32 master weights
-    guess, _ = peek_family(opts.pretrained_model_name_or_path, opts.v2, opts.v_parameterization)
-    plan = build_plan(opts, seed=seed, default_resolution=(guess or SD1).resolution)
-    model = checkpoint.load_model(opts.pretrained_model_name_or_path, v2=opts.v2 or None,
-                                  v_parameterization=opts.v_parameterization or None,
-                                  use_ema_weights=opts.use_ema_weights, dtype=torch.float32, verbose=main)
-    if not opts.resolution and model.family.resolution != (guess or SD1).resolution:
-        plan = build_plan(opts, seed=seed, default_resolution=model.family.resolution)
+    model, plan = _model_and_plan(opts, seed, torch.float32, main)
     plan, held_out = validation.split_plan(plan, opts.validation_split, opts.effective_validation_seed)
     validation.check_options(opts, held_out)
     plan.check_fill(world, accum)
@@ -380,6 +371,30 @@ def train(opts: TrainOptions) -> TrainResult:
     exit_status = 128 + int(stop.signum or signal.SIGTERM) if stopped else 0
     return TrainResult(global_step, position.epoch, losses[-1] if losses else float("nan"), seconds, outputs, losses,
                        stopped, validation_losses, exit_status)
+
+
+def _model_and_plan(opts: TrainOptions, seed: int, dtype, verbose: bool):
+    """The model and the dataset plan, built once at the resolution of the family loading detects.
+
+    The header tells the family with the very detector loading runs, so the data is checked before
+    the model is read; a .ckpt, a Hub id, or an SD2 file whose prediction type only the forward probe
+    can tell is loaded first (without --resolution the plan needs its family).
+    """
+    from sdtune import checkpoint
+    from sdtune.checkpoint.detect import detect_from_header, needs_loading_to_plan
+    from sdtune.data import build_plan
+    from sdtune.families import SD1
+
+    source = opts.pretrained_model_name_or_path
+    found, _ = detect_from_header(source, v2=opts.v2 or None, v_parameterization=opts.v_parameterization or None)
+    plan = None
+    if opts.resolution or not needs_loading_to_plan(source, found):
+        plan = build_plan(opts, seed=seed, default_resolution=(found.family if found else SD1).resolution)
+    model = checkpoint.load_model(source, v2=opts.v2 or None, v_parameterization=opts.v_parameterization or None,
+                                  use_ema_weights=opts.use_ema_weights, dtype=dtype, verbose=verbose)
+    if plan is None:
+        plan = build_plan(opts, seed=seed, default_resolution=model.family.resolution)
+    return model, plan
 
 
 def _unwrapped_encoder(conditioner, text_encoder):
