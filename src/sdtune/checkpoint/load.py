@@ -182,7 +182,8 @@ def _single_file_configs(sd, metadata, family: Family, config, path: Path) -> tu
 
 
 def _probe(sd, unet_config: dict, found: Detection, where: str) -> Detection:
-    """The forward probe on a throwaway U-Net that borrows the file's tensors (no copy)."""
+    """The forward probe on a throwaway float32 U-Net (half-precision attention can overflow on 768-v models)."""
+    import torch
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
@@ -190,7 +191,8 @@ def _probe(sd, unet_config: dict, found: Detection, where: str) -> Detection:
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
-    _assign(unet, {k: sd[un.PREFIX + un.to_original_key(k, unet_config)] for k in unet.state_dict()}, None, where)
+    part = {k: sd[un.PREFIX + un.to_original_key(k, unet_config)] for k in unet.state_dict()}
+    _assign(unet, part, torch.float32, where)
     offset = probe.run_probe(unet)
     return found.with_prediction(probe.is_v_prediction(offset), probe.describe(offset))
 

@@ -8,7 +8,9 @@ a = sqrt(alpha_bar) ~ 0.07, far from its input. The web UI calls it v-prediction
 (output - input) is below -1; that threshold was set on the released SD 2.x models, which is why
 the probe is used only for U-Nets of exactly that architecture (`detect.py` decides when).
 
-One forward pass on an 8x8 latent: well under a second on a CPU.
+It costs one forward pass on an 8x8 latent plus a float32 copy of the U-Net's weights (as in the web
+UI: half-precision attention can overflow on the SD 2.x 768 models); on a busy 2-core CPU, loading a
+full-size SD2 file with the probe took 46 s in all.
 """
 
 from __future__ import annotations
@@ -34,19 +36,13 @@ def describe(offset: float) -> str:
 
 
 def run_probe(unet) -> float:
-    """mean(output - input) of one forward pass of a diffusers U-Net on the probe's constant inputs.
-
-    On a CPU the pass runs in float32, as the web UI's does: half-precision attention can overflow on
-    SD 2.x 768 models. Pass a U-Net that may be converted (the loader builds a throwaway one).
-    """
+    """mean(output - input) of one forward pass of a diffusers U-Net on the probe's constant inputs,
+    in the U-Net's dtype and on its device (the loader gives it a float32 one)."""
     import torch
 
     param = next(unet.parameters())
-    if param.device.type == "cpu" and param.dtype != torch.float32:
-        unet = unet.to(torch.float32)
-    dtype, device = next(unet.parameters()).dtype, param.device
     with torch.no_grad():
-        latent = torch.full((1, unet.config.in_channels, 8, 8), PROBE_VALUE, device=device, dtype=dtype)
-        context = torch.full((1, 2, unet.config.cross_attention_dim), PROBE_VALUE, device=device, dtype=dtype)
-        output = unet(latent, torch.tensor([PROBE_TIMESTEP], device=device), context).sample
+        latent = torch.full((1, unet.config.in_channels, 8, 8), PROBE_VALUE, device=param.device, dtype=param.dtype)
+        context = torch.full((1, 2, unet.config.cross_attention_dim), PROBE_VALUE, device=param.device, dtype=param.dtype)
+        output = unet(latent, torch.tensor([PROBE_TIMESTEP], device=param.device), context).sample
     return mean_offset(output, latent)

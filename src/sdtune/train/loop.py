@@ -35,8 +35,8 @@ def train(opts: TrainOptions) -> TrainResult:
     from sdtune.checkpoint import build_modelspec
     from sdtune.console import quiet_libraries
     from sdtune.data import BucketBatchSampler, ensure_latent_cache, make_loader, sample_latents
-    from sdtune.data.options import parse_resolution
     from sdtune.text import CaptionOptions, TextConditioner, build_caption, process_caption
+    from sdtune.text.encode import clip_skip_note
     from sdtune.train import logs, optim, sampling, state, validation
     from sdtune.train.ema import EMA
     from sdtune.train.noise import DiffusionObjective
@@ -116,6 +116,9 @@ def train(opts: TrainOptions) -> TrainResult:
     conditioner = TextConditioner(model.tokenizer, text_encoder, model.family, max_token_length=opts.max_token_length,
                                   clip_skip=opts.clip_skip, weighted=opts.weighted_captions)
     note(f"text: {conditioner.layer.description}")
+    clip_note = clip_skip_note(model.family, model.text_encoder.config.num_hidden_layers, opts.clip_skip)
+    if clip_note:
+        note(f"note: {clip_note}")
     caption_options = [CaptionOptions.from_dict(s.caption_options, where=f"subset {i + 1}") for i, s in enumerate(plan.subsets)]
     if validator is not None and not train_te:
         with accelerator.autocast():
@@ -173,7 +176,8 @@ def train(opts: TrainOptions) -> TrainResult:
     policy = SavePolicy(name, out_dir, opts.save_format, opts.save_every_n_epochs, opts.save_every_n_steps,
                         opts.save_last_n_epochs, opts.save_last_n_steps, opts.save_last_n_epochs_state,
                         opts.save_last_n_steps_state, opts.save_state)
-    resolution = parse_resolution(opts.resolution, "--resolution") if opts.resolution else model.family.resolution
+    settings = logs.trained_settings(plan.datasets, clip_skip=conditioner.layer.clip_skip, num_processes=world,
+                                     gradient_accumulation_steps=accum)  # what was trained, for ModelSpec and the summary
     outputs: list[Path] = []
     logger = logs.RunLogger(opts.logging_dir, opts.log_with, logs.default_run_name(opts.log_prefix),
                             options_dict if opts.log_config else None, tracker_name=opts.log_tracker_name or "finetuning",
@@ -194,9 +198,10 @@ def train(opts: TrainOptions) -> TrainResult:
 
     def _save_model(stem: str, step: int, epoch: int) -> None:
         """The model file(s) of one save point (main process only)."""
-        meta = build_modelspec(model.family, title=opts.metadata_title or stem, resolution=resolution,
-                               clip_skip=opts.clip_skip, training={"steps": step, "epochs": epoch, "seed": seed,
-                                                                   "learning_rate": opts.learning_rate})
+        w, h = (int(x) for x in settings["resolution"].split("x"))
+        meta = build_modelspec(model.family, title=opts.metadata_title or stem, resolution=(w, h),
+                               clip_skip=settings["clip_skip"], training={"steps": step, "epochs": epoch, "seed": seed,
+                                                                          "learning_rate": opts.learning_rate, **settings})
         meta.update({f"modelspec.{k}": v for k, v in (("author", opts.metadata_author),
                      ("description", opts.metadata_description), ("license", opts.metadata_license),
                      ("tags", opts.metadata_tags)) if v})
@@ -363,7 +368,7 @@ def train(opts: TrainOptions) -> TrainResult:
         logs.write_summary(out_dir / f"{name}-train_summary.json", options_dict, global_step, seconds,
                            sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None, [str(p) for p in outputs],
                            epochs=position.epoch, stopped=stopped, loss_plot=str(plot) if plot else None,
-                           family=model.family.name)
+                           family=model.family.name, trained=settings)
         logger.close()
     accelerator.end_training()
     # a run stopped early exits like a process killed by the signal would (130 for Ctrl-C), so that
