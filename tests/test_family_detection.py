@@ -60,6 +60,16 @@ def test_the_dry_run_plans_the_family_that_loading_detects(ws, tmp_path, capsys,
     assert re.search(rf"^\s+{bucket.replace('x', r'x')}\s+2\s", printed, re.M), printed
 
 
+def test_header_detection_imports_no_torch(ws):
+    import subprocess
+    import sys
+
+    code = ("import sys; from sdtune.train.plan import peek_family; "
+            f"f, _ = peek_family({str(ws / 'pt.safetensors')!r}); print(f.name, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["sd2-v", "False"]
+
+
 def test_a_diffusers_folder_reads_the_same_and_a_ckpt_is_read_when_loaded(ws):
     assert peek_family(str(ws / "sd1-diffusers"))[0] == ck.load_model(ws / "sd1-diffusers", verbose=False).family
     family, why = peek_family(str(ws / "sd2-v.ckpt"))
