@@ -65,15 +65,28 @@ def test_header_detection_imports_no_torch(ws):
     import sys
 
     code = ("import sys; from sdtune.train.plan import peek_family; "
-            f"f, _ = peek_family({str(ws / 'pt.safetensors')!r}); print(f.name, 'torch' in sys.modules)")
+            f"f, _ = peek_family({str(ws / 'pt.safetensors')!r}); g, _ = peek_family({str(ws / 'sd2-v.ckpt')!r}); "
+            "print(f.name, g.name, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["sd2-v", "False"]
+    assert out == ["sd2-v", "sd2-v", "False"]
 
 
-def test_a_diffusers_folder_reads_the_same_and_a_ckpt_is_read_when_loaded(ws):
+class _Callback:
+    """Stands for the training-callback objects some Lightning .ckpt files pickle."""
+
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_a_diffusers_folder_and_a_ckpt_read_the_same_without_loading(ws, tmp_path, capfd):
     assert peek_family(str(ws / "sd1-diffusers"))[0] == ck.load_model(ws / "sd1-diffusers", verbose=False).family
-    family, why = peek_family(str(ws / "sd2-v.ckpt"))
-    assert family is None and "loaded" in why
+    assert peek_family(str(ws / "sd2-v.ckpt"))[0].name == "sd2-v" == ck.load_model(ws / "sd2-v.ckpt", verbose=False).family.name
+    # a .ckpt that pickles more than tensors: its structure is not read, nothing in it runs, loading decides
+    sd = torch.load(ws / "sd2-v.ckpt", weights_only=True)["state_dict"]
+    torch.save({"state_dict": sd, "callbacks": _Callback()}, tmp_path / "lightning.ckpt")
+    family, why = peek_family(str(tmp_path / "lightning.ckpt"))
+    assert family is None and "read only when the model is loaded" in why
+    assert "pickled code ran" not in capfd.readouterr().out
 
 
 @pytest.mark.parametrize("name,expected", [("pt.safetensors", (768, 768)), ("sd2-v.ckpt", (768, 768)),
@@ -204,3 +217,16 @@ def test_the_probe_runs_the_files_u_net_on_the_constant_inputs(ws):
         expected = (unet(x, torch.tensor([999]), torch.full((1, 2, 32), 0.5)).sample - x).mean().item()
     assert offset == pytest.approx(expected, abs=1e-3)
     assert probed.family.name == ("sd2-v" if expected < -1 else "sd2") and not probed.probe
+
+
+def test_header_values_are_the_tensors_values(tmp_path):
+    from sdtune.checkpoint.header import read_ckpt_view, read_safetensors_view
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t_{dt}": torch.randn(320, generator=gen).to(dt) for dt in (torch.float32, torch.float16, torch.bfloat16)}
+    save_file(tensors, tmp_path / "v.safetensors")
+    torch.save({"state_dict": tensors}, tmp_path / "v.ckpt")
+    for view in (read_safetensors_view(tmp_path / "v.safetensors"), read_ckpt_view(tmp_path / "v.ckpt")):
+        for name, t in tensors.items():
+            assert view.shapes[name] == (320,)
+            assert view.values(name) == t.float().tolist(), name

@@ -2,7 +2,8 @@
 
 Both run the functions below on the same facts (`header.CheckpointView`: key names, shapes,
 metadata, one tensor's values; or a Diffusers folder's configs), so the dry run plans what training
-trains. `detect_from_header` is the cheap entry point (no torch); loading calls the same
+trains. `detect_from_header` is the cheap entry point (no torch; a .ckpt's
+structure is read without running it); loading calls the same
 `detect_single_file` / `detect_diffusers` on what it read.
 
 Architecture (v1 vs v2) is read from the text encoder's layout, which does not depend on widths:
@@ -31,7 +32,7 @@ from typing import Any
 from sdtune.errors import UserError
 from sdtune.families import Family, family_from_flags
 
-from .header import CheckpointView, is_hub_id, read_diffusers_configs, read_safetensors_view
+from .header import CheckpointView, is_hub_id, read_ckpt_view, read_diffusers_configs, read_safetensors_view
 from .text_encoder import CLIP_PREFIX, OPENCLIP_PREFIX
 
 V_PRED_KEY = "v_pred"
@@ -172,8 +173,9 @@ def detect_diffusers(unet_config: dict, text_config: dict, scheduler_config: dic
 
 def detect_from_header(path_or_id: str | Path, *, v2: bool | None = None,
                        v_parameterization: bool | None = None) -> tuple[Detection | None, str]:
-    """(detection, "") from a .safetensors header or a Diffusers folder's configs, without loading;
-    (None, why not) for a .ckpt, a Hub id or a path that does not exist (loading tells, or fails)."""
+    """(detection, "") from a .safetensors header, a torch zip checkpoint's structure or a Diffusers
+    folder's configs, without loading; (None, why not) for other pickles, a Hub id or a path that does
+    not exist (loading tells, or fails)."""
     path = Path(path_or_id)
     if path.is_file() and path.suffix == ".safetensors":
         return detect_single_file(read_safetensors_view(path), v2=v2, v_parameterization=v_parameterization,
@@ -181,15 +183,21 @@ def detect_from_header(path_or_id: str | Path, *, v2: bool | None = None,
     if path.is_dir():
         unet, text, sched = read_diffusers_configs(path)
         return detect_diffusers(unet, text, sched, v2=v2, v_parameterization=v_parameterization, where=str(path)), ""
+    if path.is_file() and path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        view = read_ckpt_view(path)
+        if view is not None:
+            return detect_single_file(view, v2=v2, v_parameterization=v_parameterization, where=str(path)), ""
+        return None, f"this {path.suffix} file is read only when the model is loaded (not torch's zip format, or it " \
+                     "pickles more than tensors)"
     if path.is_file():
-        return None, f"a {path.suffix} file is a pickle, read only when the model is loaded"
+        return None, f"a {path.suffix} file is read only when the model is loaded"
     if is_hub_id(str(path_or_id)):
         return None, "a Hugging Face Hub id is read when the model is loaded"
     return None, "model not found"
 
 
 def needs_loading_to_plan(path_or_id: str | Path, detection: Detection | None) -> bool:
-    """True when only a loaded model tells the family (a .ckpt, a Hub id, or an SD2 file for the probe):
+    """True when only a loaded model tells the family (a Hub id, an unreadable pickle, an SD2 file for the probe):
     the trainer then loads it before building the dataset plan, so that the plan is built once."""
     if detection is not None:
         return detection.probe

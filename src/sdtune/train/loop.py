@@ -382,8 +382,8 @@ def _model_and_plan(opts: TrainOptions, seed: int, dtype, verbose: bool):
     """The model and the dataset plan, built once at the resolution of the family loading detects.
 
     The header tells the family with the very detector loading runs, so the data is checked before
-    the model is read; a .ckpt, a Hub id, or an SD2 file whose prediction type only the forward probe
-    can tell is loaded first (without --resolution the plan needs its family).
+    the model is read; a Hub id, a pickle that is more than tensors, or an SD2 file whose prediction
+    type only the forward probe can tell is loaded first (without --resolution the plan needs its family).
     """
     from sdtune import checkpoint
     from sdtune.checkpoint.detect import detect_from_header, needs_loading_to_plan

@@ -1,9 +1,9 @@
 """`--dry_run`: what a training run would do, without torch and without loading the model.
 
 The family (which decides the default resolution) comes from the same detector loading uses
-(`sdtune.checkpoint.detect`), run on the checkpoint's header: the safetensors JSON header, or a
-Diffusers folder's configs. A .ckpt or a Hub id is only read when loaded; the SD1 defaults are then
-assumed and the output says so (training loads such a model before planning).
+(`sdtune.checkpoint.detect`), run on the checkpoint's header: the safetensors JSON header, a .ckpt's
+structure, or a Diffusers folder's configs. A Hub id is only read when loaded; the SD1 defaults are
+then assumed and the output says so (training loads such a model before planning).
 """
 
 from __future__ import annotations
