@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from sdtune import checkpoint as ck
 from sdtune.checkpoint.detect import detect_diffusers, detect_single_file
+from sdtune.checkpoint.header import CheckpointView
 from sdtune.errors import UserError
 from sdtune.testing import build_tiny_model
 
@@ -31,26 +32,31 @@ def _bare(path: Path, tmp: Path) -> Path:
     return tmp / f"bare-{path.name}"
 
 
+def _detect(sd, metadata, **flags):
+    found = detect_single_file(CheckpointView.of_state_dict(sd, metadata), **flags)
+    return found.family, found.reason
+
+
 def test_detection_of_each_family_and_each_override(files, tmp_path):
     assert ck.load_model(files["sd1"], verbose=False).family.name == "sd1"
     assert ck.load_model(files["sd2"], verbose=False).family.name == "sd2"
     assert ck.load_model(files["sd2-v"], verbose=False).family.name == "sd2-v"
     bare = _bare(files["sd2-v"], tmp_path)
     sd = load_file(bare)
-    fam, why = detect_single_file(sd, {})
+    fam, why = _detect(sd, {})
     assert fam.name == "sd2" and "epsilon" in why and "OpenCLIP" in why
-    assert detect_single_file(sd, {"modelspec.prediction_type": "v"})[0].name == "sd2-v"
-    assert detect_single_file(sd, {"modelspec.architecture": "stable-diffusion-v2-768-v"})[0].name == "sd2-v"
-    assert detect_single_file({**sd, "v_pred": torch.tensor([])}, {})[0].name == "sd2-v"
-    fam, why = detect_single_file({**sd, "v_pred": torch.tensor([])}, {}, v_parameterization=False)
+    assert _detect(sd, {"modelspec.prediction_type": "v"})[0].name == "sd2-v"
+    assert _detect(sd, {"modelspec.architecture": "stable-diffusion-v2-768-v"})[0].name == "sd2-v"
+    assert _detect({**sd, "v_pred": torch.tensor([])}, {})[0].name == "sd2-v"
+    fam, why = _detect({**sd, "v_pred": torch.tensor([])}, {}, v_parameterization=False)
     assert fam.name == "sd2" and "given" in why
-    assert detect_single_file(sd, {}, v_parameterization=True)[0].name == "sd2-v"
+    assert _detect(sd, {}, v_parameterization=True)[0].name == "sd2-v"
     # no text encoder: the U-Net's cross-attention width (tiny: 32) says nothing, --v2 decides
     unet_only = {k: v for k, v in sd.items() if k.startswith("model.")}
-    assert detect_single_file(unet_only, {})[0].name == "sd1"
-    assert detect_single_file(unet_only, {}, v2=True)[0].name == "sd2"
+    assert _detect(unet_only, {})[0].name == "sd1"
+    assert _detect(unet_only, {}, v2=True)[0].name == "sd2"
     sd1 = load_file(files["sd1"])
-    assert detect_single_file(sd1, {}, v_parameterization=True)[0].prediction_type == "v_prediction"
+    assert _detect(sd1, {}, v_parameterization=True)[0].prediction_type == "v_prediction"
     # a v-prediction override is written into the output as the v_pred marker
     model = ck.load_model(bare, v_parameterization=True, verbose=False)
     assert model.family.name == "sd2-v"
@@ -58,10 +64,10 @@ def test_detection_of_each_family_and_each_override(files, tmp_path):
 
 
 def test_diffusers_detection_reads_activation_and_scheduler():
-    assert detect_diffusers({}, {"hidden_act": "quick_gelu"}, {})[0].name == "sd1"
-    assert detect_diffusers({}, {"hidden_act": "gelu"}, {"prediction_type": "epsilon"})[0].name == "sd2"
-    assert detect_diffusers({}, {"hidden_act": "gelu"}, {"prediction_type": "v_prediction"})[0].name == "sd2-v"
-    assert detect_diffusers({}, {"hidden_act": "gelu"}, {}, v2=False)[0].name == "sd1"
+    assert detect_diffusers({}, {"hidden_act": "quick_gelu"}, {}).family.name == "sd1"
+    assert detect_diffusers({}, {"hidden_act": "gelu"}, {"prediction_type": "epsilon"}).family.name == "sd2"
+    assert detect_diffusers({}, {"hidden_act": "gelu"}, {"prediction_type": "v_prediction"}).family.name == "sd2-v"
+    assert detect_diffusers({}, {"hidden_act": "gelu"}, {}, v2=True).family.name == "sd2"
 
 
 @pytest.mark.parametrize("precision,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16), ("float", torch.float32)])

@@ -57,6 +57,8 @@ def test_two_cpu_processes_train_one_model(tmp_path, run_in_session):
     assert "with 2 process(es)" in out and "2 optimizer steps per epoch" in out
     summary = json.loads((tmp_path / "out" / "last-train_summary.json").read_text())
     assert summary["steps"] == 2
+    # each optimizer step saw batch 1 x 2 processes = 2 images, and the run records that
+    assert (summary["trained"]["num_processes"], summary["trained"]["total_batch_size"]) == (2, 2)
 
     sums = re.search(r"U-Net weight checksum per process: (\S+), (\S+) \((\w+)", out)
     assert sums, out

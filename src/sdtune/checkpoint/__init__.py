@@ -15,7 +15,9 @@ Layout of the package (one concern per module):
     vae.py           VAE key map (reversed decoder numbering, 1x1-conv attention)
     text_encoder.py  SD1 CLIP and SD2 OpenCLIP key maps (fused q/k/v), the missing-24th-layer policy
     convert.py       whole model <-> original state dict; EMA selection; passthrough
-    detect.py        SD1 / SD2 / SD2-v detection, with the reason
+    header.py        what a file holds, read without loading it (safetensors header, Diffusers configs)
+    detect.py        SD1 / SD2 / SD2-v detection, with the reason: one detector for loading and --dry_run
+    probe.py         v-prediction or epsilon from a forward pass of a full-size SD2 U-Net
     modelspec.py     ModelSpec metadata
     load.py, save.py the two entry points
 

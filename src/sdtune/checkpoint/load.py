@@ -14,7 +14,6 @@ entry our own saves carry, else from the shipped config, else from SD's conventi
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,8 @@ from . import text_encoder as te
 from . import unet as un
 from . import vae as va
 from .convert import from_original
-from .detect import detect_diffusers, detect_single_file
+from .detect import Detection, detect_diffusers, detect_single_file, view_of
+from .header import is_hub_id, read_diffusers_configs
 from .io import read_state_dict
 
 CONFIGS_KEY = "sdtune.configs"  # safetensors metadata / .ckpt top-level entry: our component configs
@@ -38,21 +38,23 @@ def load_model(path_or_id, *, v2: bool | None = None, v_parameterization: bool |
     """An `SDModel` from a single file, a Diffusers folder or a Hugging Face Hub id."""
     path = Path(path_or_id)
     if path.is_file():
-        model = _load_single_file(path, v2, v_parameterization, use_ema_weights, config, dtype)
+        model, found = _load_single_file(path, v2, v_parameterization, use_ema_weights, config, dtype)
     elif path.is_dir():
         if use_ema_weights:
             raise UserError("--use_ema_weights needs a single-file checkpoint with model_ema.* tensors; a Diffusers "
                             "folder has none", where=str(path), fix="Drop --use_ema_weights.")
-        model = _load_diffusers_folder(path, v2, v_parameterization, dtype)
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_id)) and path.suffix not in (".safetensors", ".ckpt"):
+        model, found = _load_diffusers_folder(path, v2, v_parameterization, dtype)
+    elif is_hub_id(str(path_or_id)):
         if use_ema_weights:
             raise UserError("--use_ema_weights is for single-file checkpoints", where=str(path_or_id))
-        model = _load_hub(str(path_or_id), v2, v_parameterization, dtype)
+        model, found = _load_hub(str(path_or_id), v2, v_parameterization, dtype)
     else:
         raise UserError("model not found", where=str(path_or_id),
                         fix="Give a .safetensors/.ckpt file, a Diffusers folder, or a Hugging Face id (owner/name).")
     if verbose:
         print(f"model: {model.source}: {model.family.title} ({model.detection})", file=sys.stderr)
+        for line in found.warnings:
+            print(f"warning: {line}", file=sys.stderr)
     return model
 
 
@@ -131,13 +133,32 @@ def _load_single_file(path: Path, v2, v_param, use_ema, config, dtype):
     from sdtune.model import SDModel
 
     sd, extras = read_state_dict(path)
-    if not any(k.startswith(un.PREFIX) for k in sd):
-        hint = "a Diffusers component or LoRA?" if any(k.startswith(("down_blocks.", "lora_")) for k in sd) else \
-            f"first keys: {sorted(sd)[:3]}"
-        raise UserError(f"not a Stable Diffusion checkpoint: no U-Net tensors (model.diffusion_model.*; {hint})",
-                        where=str(path), fix="Give a full SD 1.x/2.x checkpoint or a Diffusers folder.")
     metadata = {k: v for k, v in extras.items() if isinstance(v, str)}
-    family, why = detect_single_file(sd, metadata, v2=v2, v_parameterization=v_param)
+    found = detect_single_file(view_of(sd, metadata), v2=v2, v_parameterization=v_param, where=str(path))
+    cfg, notes = _single_file_configs(sd, metadata, found.family, config, path)
+    if found.probe:
+        found = _probe(sd, cfg["unet"], found, str(path))
+        cfg, notes = _single_file_configs(sd, metadata, found.family, config, path)
+    family = found.family
+    openclip = family.text_encoder_layout == "openclip"
+    unet, vae, text_encoder = _build(cfg)
+    unet_sd, vae_sd, text_sd, passthrough = from_original(
+        sd, unet_keys=list(unet.state_dict()), vae_keys=list(vae.state_dict()), text_keys=list(text_encoder.state_dict()),
+        unet_config=cfg["unet"], vae_config=cfg["vae"], openclip=openclip, use_ema=use_ema, where=str(path))
+    for module, part in ((unet, unet_sd), (vae, vae_sd), (text_encoder, text_sd)):
+        _assign(module, part, dtype, str(path))
+    tokenizer, sched_cfg = _tokenizer_and_scheduler(family, Path(config) if config else None)
+    dropped = sum(1 for k in sd if k.startswith("model_ema."))
+    if dropped:
+        notes.append(f"{'used' if use_ema else 'ignored'} {dropped} EMA tensors (model_ema.*; not written to outputs)")
+    del sd
+    model = SDModel(family, unet, vae, text_encoder, tokenizer, sched_cfg, passthrough=passthrough, source=str(path),
+                    detection="; ".join([found.reason, *notes]))
+    return model, found
+
+
+def _single_file_configs(sd, metadata, family: Family, config, path: Path) -> tuple[dict[str, dict], list[str]]:
+    """The component configs of a single file: the family's (or `config`'s), widths read from the tensors."""
     base = _base_configs(family, config)
     stored = metadata.get(CONFIGS_KEY)
     cfg = {k: dict(v) for k, v in base.items()}
@@ -157,19 +178,23 @@ def _load_single_file(path: Path, v2, v_param, use_ema, config, dtype):
                         where=str(path), fix="Check the file; a Diffusers model is a folder, an SDXL model is not supported.") from None
     if not stored and not config:
         _fill_unknowns(cfg, base, family, notes)
-    unet, vae, text_encoder = _build(cfg)
-    unet_sd, vae_sd, text_sd, passthrough = from_original(
-        sd, unet_keys=list(unet.state_dict()), vae_keys=list(vae.state_dict()), text_keys=list(text_encoder.state_dict()),
-        unet_config=cfg["unet"], vae_config=cfg["vae"], openclip=openclip, use_ema=use_ema, where=str(path))
-    for module, part in ((unet, unet_sd), (vae, vae_sd), (text_encoder, text_sd)):
-        _assign(module, part, dtype, str(path))
-    tokenizer, sched_cfg = _tokenizer_and_scheduler(family, Path(config) if config else None)
-    dropped = sum(1 for k in sd if k.startswith("model_ema."))
-    if dropped:
-        notes.append(f"{'used' if use_ema else 'ignored'} {dropped} EMA tensors (model_ema.*; not written to outputs)")
-    del sd
-    return SDModel(family, unet, vae, text_encoder, tokenizer, sched_cfg, passthrough=passthrough,
-                   source=str(path), detection="; ".join([why, *notes]))
+    return cfg, notes
+
+
+def _probe(sd, unet_config: dict, found: Detection, where: str) -> Detection:
+    """The forward probe on a throwaway float32 U-Net (half-precision attention can overflow on 768-v models)."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from . import probe
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config)
+    part = {k: sd[un.PREFIX + un.to_original_key(k, unet_config)] for k in unet.state_dict()}
+    _assign(unet, part, torch.float32, where)
+    offset = probe.run_probe(unet)
+    return found.with_prediction(probe.is_v_prediction(offset), probe.describe(offset))
 
 
 def _width(sd, openclip: bool) -> int | None:
@@ -203,14 +228,10 @@ def _read_component(folder: Path) -> dict:
 def _load_diffusers_folder(path: Path, v2, v_param, dtype):
     from sdtune.model import SDModel
 
-    for comp in ("unet", "vae", "text_encoder"):
-        if not (path / comp / "config.json").is_file():
-            raise UserError(f"not a Diffusers model folder (no {comp}/config.json)", where=str(path),
-                            fix="Point at the folder that holds model_index.json, unet/, vae/, text_encoder/.")
-    cfg = {c: _json(path / c / "config.json") for c in ("unet", "vae", "text_encoder")}
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    family, why = detect_diffusers(cfg["unet"], cfg["text_encoder"], _json(sched_file) if sched_file.is_file() else {},
-                                   v2=v2, v_parameterization=v_param)
+    unet_cfg, text_cfg, sched_cfg = read_diffusers_configs(path)
+    found = detect_diffusers(unet_cfg, text_cfg, sched_cfg, v2=v2, v_parameterization=v_param, where=str(path))
+    family = found.family
+    cfg = {"unet": unet_cfg, "vae": _json(path / "vae" / "config.json"), "text_encoder": text_cfg}
     unet, vae, text_encoder = _build(cfg)
     for comp, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         sd = _read_component(path / comp)
@@ -222,8 +243,9 @@ def _load_diffusers_folder(path: Path, v2, v_param, dtype):
     if (path / PASSTHROUGH_FILE).is_file():
         passthrough = {k: v.clone() for k, v in read_state_dict(path / PASSTHROUGH_FILE)[0].items()}
     tokenizer, sched_cfg = _tokenizer_and_scheduler(family, path)
-    return SDModel(family, unet, vae, text_encoder, tokenizer, sched_cfg, passthrough=passthrough,
-                   source=str(path), detection=why)
+    model = SDModel(family, unet, vae, text_encoder, tokenizer, sched_cfg, passthrough=passthrough, source=str(path),
+                    detection=found.reason)
+    return model, found
 
 
 def _load_hub(repo: str, v2, v_param, dtype):
@@ -250,8 +272,9 @@ def _load_hub(repo: str, v2, v_param, dtype):
             where=repo,
             fix=f"Download it where the network is available, e.g. `hf download {repo} --local-dir models/"
                 f"{repo.split('/')[-1]}` (or `huggingface-cli download`), copy that folder here and pass its path.") from None
-    family, why = detect_diffusers(dict(unet.config), text_encoder.config.to_dict(), sched, v2=v2, v_parameterization=v_param)
-    sched["prediction_type"] = family.prediction_type
+    found = detect_diffusers(dict(unet.config), text_encoder.config.to_dict(), sched, v2=v2, v_parameterization=v_param,
+                             where=repo)
+    sched["prediction_type"] = found.family.prediction_type
     for m in (unet, vae, text_encoder):
         m.eval()
-    return SDModel(family, unet, vae, text_encoder, tokenizer, sched, source=repo, detection=why)
+    return SDModel(found.family, unet, vae, text_encoder, tokenizer, sched, source=repo, detection=found.reason), found

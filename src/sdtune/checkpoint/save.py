@@ -14,6 +14,7 @@ from typing import Any
 
 from sdtune.errors import UserError
 
+from . import text_encoder as te
 from .convert import to_original
 from .io import atomic_path, write_pickle, write_safetensors
 from .load import CONFIGS_KEY, PASSTHROUGH_FILE
@@ -105,6 +106,8 @@ def _save_diffusers(model, path: Path, *, safe: bool, dtype, progress, title, me
                 config = {"_class_name": type(module).__name__, "_diffusers_version": _diffusers_version(), **config}
             (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             sd = module.state_dict()
+            if comp == "text_encoder":
+                sd = text_encoder_state_dict(sd)
             if safe:
                 write_safetensors(folder / f"{weights}.safetensors", sd, dtype=dtype, metadata={"format": "pt", **meta},
                                   progress=progress and f"{progress} ({comp})")
@@ -112,7 +115,7 @@ def _save_diffusers(model, path: Path, *, safe: bool, dtype, progress, title, me
                 if dtype is not None:
                     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
                 torch.save(sd, folder / f"{weights}.bin")
-        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        save_tokenizer(model.tokenizer, tmp / "tokenizer")
         (tmp / "scheduler").mkdir()
         sched = dict(model.scheduler_config)
         sched["prediction_type"] = model.family.prediction_type
@@ -123,6 +126,44 @@ def _save_diffusers(model, path: Path, *, safe: bool, dtype, progress, title, me
             # components so diffusers -> single file reproduces the original exactly.
             write_safetensors(tmp / PASSTHROUGH_FILE, model.passthrough, dtype=dtype)
     return path
+
+
+def text_encoder_state_dict(sd: dict) -> dict:
+    """The text encoder's tensors under the names transformers 4 gives them (`text_model.` + the rest).
+
+    transformers >= 5.6 reads both forms, transformers 4 (still pinned by sd-scripts and many tools)
+    only this one: without the prefix it silently starts the whole text encoder from random weights.
+    """
+    return {f"text_model.{te.hf_key(k)}": v for k, v in sd.items()}
+
+
+# Keys transformers 5 writes into tokenizer_config.json that describe this process, not the tokenizer.
+_LOCAL_TOKENIZER_KEYS = ("backend", "is_local", "local_files_only")
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """tokenizer.json (transformers 5, fast tokenizers) plus the files transformers 4's CLIPTokenizer
+    reads: vocab.json, merges.txt, special_tokens_map.json and, for tokens added to the vocabulary,
+    added_tokens.json."""
+    tokenizer.save_pretrained(folder)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    # the first line is a header: CLIPTokenizer skips it
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if vocab.get(t["content"]) != t["id"]}
+    if added:
+        (folder / "added_tokens.json").write_text(json.dumps(added, ensure_ascii=False) + "\n", encoding="utf-8")
+    special = {k: str(getattr(tokenizer, k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+               if getattr(tokenizer, k, None) is not None}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = {k: v for k, v in config.items() if k not in _LOCAL_TOKENIZER_KEYS}
+    config.setdefault("tokenizer_class", "CLIPTokenizer")
+    config.update(special, model_max_length=int(tokenizer.model_max_length))
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _diffusers_version() -> str:

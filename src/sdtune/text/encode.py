@@ -29,7 +29,7 @@ from sdtune.text.tokens import CHUNK, ChunkedTokenizer, TokenBatch
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ClipLayer", "resolve_clip_skip", "TextConditioner", "TruncationReport", "unwrap_module"]
+__all__ = ["ClipLayer", "resolve_clip_skip", "clip_skip_note", "TextConditioner", "TruncationReport", "unwrap_module"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,27 @@ def resolve_clip_skip(family: Family, num_layers: int, clip_skip: int | None) ->
     note = " (the family's native conditioning)" if clip_skip == native else ""
     description = f"clip_skip {clip_skip}: output of text-encoder layer {layer} of {total}, then the final layer norm{note}"
     return ClipLayer(clip_skip, hidden_index, description)
+
+
+def clip_skip_note(family: Family, num_layers: int, clip_skip: int | None) -> str | None:
+    """For a --clip_skip given with SD 2.x: one line saying which layer it is and what sd-scripts calls it.
+
+    sd-scripts takes `hidden_states[-clip_skip]` of the encoder it loads, which for SD 2.x lacks the
+    tower's last layer; the same layer therefore has a number one lower there. None when both count
+    alike (SD 1.x, an encoder converted with all 24 layers, or no --clip_skip).
+    """
+    if clip_skip is None:
+        return None
+    ours = resolve_clip_skip(family, num_layers, clip_skip)
+    theirs = -ours.hidden_index
+    if theirs == ours.clip_skip:
+        return None
+    total = num_layers + ours.clip_skip - theirs
+    layer = total - ours.clip_skip + 1
+    return (f"--clip_skip {clip_skip} on SD 2.x counts the {total} layers of the original OpenCLIP text tower, as A1111 "
+            f"and ComfyUI do: the conditioning is layer {layer} of {total}. sd-scripts counts the {num_layers} layers it "
+            f"loads, so it calls this layer --clip_skip {theirs}; an sd-scripts --clip_skip N is sdtune's N + 1 "
+            f"(sd-scripts' --clip_skip {clip_skip} would be layer {layer - 1})")
 
 
 @dataclass(frozen=True)

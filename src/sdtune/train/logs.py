@@ -3,6 +3,7 @@
     RunLogger       scalars and sample images to TensorBoard (`--logging_dir`) and/or wandb
     TrainProgress   the console bar: step, running-mean loss, lr, epoch; tqdm adds it/s and ETA
     write_summary   `train_summary.json`: options, steps, time, final loss, outputs (atomic)
+    trained_settings  what the run trained with (resolution, clip skip, total batch), for the summary and ModelSpec
     plot_loss       a PNG of the loss curve (matplotlib, optional)
 
 Only the main process should create a `RunLogger`. TensorBoard goes through
@@ -25,7 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from sdtune.errors import UserError
 
 __all__ = ["RunLogger", "TrainProgress", "RunningMean", "default_run_name", "load_tracker_config",
-           "sanitize_config", "write_summary", "plot_loss", "running_mean", "LOG_WITH"]
+           "sanitize_config", "write_summary", "trained_settings", "plot_loss", "running_mean", "LOG_WITH"]
 
 LOG_WITH = ("tensorboard", "wandb", "all")
 # Option names ending so hold credentials (wandb_api_key, huggingface_token); max_token_length does not.
@@ -255,6 +256,32 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def trained_settings(datasets: Sequence[Any], *, clip_skip: int, num_processes: int,
+                     gradient_accumulation_steps: int) -> dict[str, Any]:
+    """The values the run trained with, not the raw flags (which may be unset or overridden by the dataset config).
+
+    `datasets` are the plan's datasets (`.resolution` as (width, height), `.batch_size`). With several,
+    the resolution recorded is the largest in area (the first of equals) and every one is listed; the
+    batch size per process is the largest. `clip_skip` is the one the conditioner resolved (in sdtune's
+    numbering, default included).
+    """
+    sizes = [tuple(d.resolution) for d in datasets]
+    pick = max(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], -i))
+    batch = max(int(d.batch_size) for d in datasets)
+    out: dict[str, Any] = {
+        "resolution": f"{sizes[pick][0]}x{sizes[pick][1]}",
+        "clip_skip": int(clip_skip),
+        "batch_size_per_process": batch,
+        "num_processes": int(num_processes),
+        "gradient_accumulation_steps": int(gradient_accumulation_steps),
+        "total_batch_size": batch * int(num_processes) * int(gradient_accumulation_steps),
+    }
+    if len(sizes) > 1:
+        out["resolution_of"] = f"dataset {pick + 1} of {len(sizes)} (the largest)"
+        out["dataset_resolutions"] = [f"{w}x{h}" for w, h in sizes]
+    return out
 
 
 def write_summary(path: str | Path, options: Mapping[str, Any], steps: int, seconds: float, final_loss: float | None,

@@ -32,17 +32,14 @@ class TrainResult:
 def train(opts: TrainOptions) -> TrainResult:
     import torch
 
-    from sdtune import checkpoint
     from sdtune.checkpoint import build_modelspec
     from sdtune.console import quiet_libraries
-    from sdtune.data import BucketBatchSampler, build_plan, ensure_latent_cache, make_loader, sample_latents
-    from sdtune.data.options import parse_resolution
+    from sdtune.data import BucketBatchSampler, ensure_latent_cache, make_loader, sample_latents
     from sdtune.text import CaptionOptions, TextConditioner, build_caption, process_caption
+    from sdtune.text.encode import clip_skip_note
     from sdtune.train import logs, optim, sampling, state, validation
     from sdtune.train.ema import EMA
-    from sdtune.families import SD1
     from sdtune.train.noise import DiffusionObjective
-    from sdtune.train.plan import peek_family
     from sdtune.train.prompts import load_prompts
     from sdtune.train.saving import SavePolicy, epoch_stem, step_stem
     from sdtune.train.setup import (StopRequest, allow_fp16_gradients, compute_copy, configure_attention, derive_seed,
@@ -67,13 +64,7 @@ def train(opts: TrainOptions) -> TrainResult:
     prompts = load_prompts(opts.sample_prompts) if opts.sample_prompts and schedule.enabled else []
 
     # --- data first (cheap, and the likelier mistakes), then the model: float32 master weights
-    guess, _ = peek_family(opts.pretrained_model_name_or_path, opts.v2, opts.v_parameterization)
-    plan = build_plan(opts, seed=seed, default_resolution=(guess or SD1).resolution)
-    model = checkpoint.load_model(opts.pretrained_model_name_or_path, v2=opts.v2 or None,
-                                  v_parameterization=opts.v_parameterization or None,
-                                  use_ema_weights=opts.use_ema_weights, dtype=torch.float32, verbose=main)
-    if not opts.resolution and model.family.resolution != (guess or SD1).resolution:
-        plan = build_plan(opts, seed=seed, default_resolution=model.family.resolution)
+    model, plan = _model_and_plan(opts, seed, torch.float32, main)
     plan, held_out = validation.split_plan(plan, opts.validation_split, opts.effective_validation_seed)
     validation.check_options(opts, held_out)
     plan.check_fill(world, accum)
@@ -125,6 +116,9 @@ def train(opts: TrainOptions) -> TrainResult:
     conditioner = TextConditioner(model.tokenizer, text_encoder, model.family, max_token_length=opts.max_token_length,
                                   clip_skip=opts.clip_skip, weighted=opts.weighted_captions)
     note(f"text: {conditioner.layer.description}")
+    clip_note = clip_skip_note(model.family, model.text_encoder.config.num_hidden_layers, opts.clip_skip)
+    if clip_note:
+        note(f"note: {clip_note}")
     caption_options = [CaptionOptions.from_dict(s.caption_options, where=f"subset {i + 1}") for i, s in enumerate(plan.subsets)]
     if validator is not None and not train_te:
         with accelerator.autocast():
@@ -182,7 +176,8 @@ def train(opts: TrainOptions) -> TrainResult:
     policy = SavePolicy(name, out_dir, opts.save_format, opts.save_every_n_epochs, opts.save_every_n_steps,
                         opts.save_last_n_epochs, opts.save_last_n_steps, opts.save_last_n_epochs_state,
                         opts.save_last_n_steps_state, opts.save_state)
-    resolution = parse_resolution(opts.resolution, "--resolution") if opts.resolution else model.family.resolution
+    settings = logs.trained_settings(plan.datasets, clip_skip=conditioner.layer.clip_skip, num_processes=world,
+                                     gradient_accumulation_steps=accum)  # what was trained, for ModelSpec and the summary
     outputs: list[Path] = []
     logger = logs.RunLogger(opts.logging_dir, opts.log_with, logs.default_run_name(opts.log_prefix),
                             options_dict if opts.log_config else None, tracker_name=opts.log_tracker_name or "finetuning",
@@ -203,9 +198,10 @@ def train(opts: TrainOptions) -> TrainResult:
 
     def _save_model(stem: str, step: int, epoch: int) -> None:
         """The model file(s) of one save point (main process only)."""
-        meta = build_modelspec(model.family, title=opts.metadata_title or stem, resolution=resolution,
-                               clip_skip=opts.clip_skip, training={"steps": step, "epochs": epoch, "seed": seed,
-                                                                   "learning_rate": opts.learning_rate})
+        w, h = (int(x) for x in settings["resolution"].split("x"))
+        meta = build_modelspec(model.family, title=opts.metadata_title or stem, resolution=(w, h),
+                               clip_skip=settings["clip_skip"], training={"steps": step, "epochs": epoch, "seed": seed,
+                                                                          "learning_rate": opts.learning_rate, **settings})
         meta.update({f"modelspec.{k}": v for k, v in (("author", opts.metadata_author),
                      ("description", opts.metadata_description), ("license", opts.metadata_license),
                      ("tags", opts.metadata_tags)) if v})
@@ -372,7 +368,7 @@ def train(opts: TrainOptions) -> TrainResult:
         logs.write_summary(out_dir / f"{name}-train_summary.json", options_dict, global_step, seconds,
                            sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None, [str(p) for p in outputs],
                            epochs=position.epoch, stopped=stopped, loss_plot=str(plot) if plot else None,
-                           family=model.family.name)
+                           family=model.family.name, trained=settings)
         logger.close()
     accelerator.end_training()
     # a run stopped early exits like a process killed by the signal would (130 for Ctrl-C), so that
@@ -380,6 +376,30 @@ def train(opts: TrainOptions) -> TrainResult:
     exit_status = 128 + int(stop.signum or signal.SIGTERM) if stopped else 0
     return TrainResult(global_step, position.epoch, losses[-1] if losses else float("nan"), seconds, outputs, losses,
                        stopped, validation_losses, exit_status)
+
+
+def _model_and_plan(opts: TrainOptions, seed: int, dtype, verbose: bool):
+    """The model and the dataset plan, built once at the resolution of the family loading detects.
+
+    The header tells the family with the very detector loading runs, so the data is checked before
+    the model is read; a Hub id, a pickle that is more than tensors, or an SD2 file whose prediction
+    type only the forward probe can tell is loaded first (without --resolution the plan needs its family).
+    """
+    from sdtune import checkpoint
+    from sdtune.checkpoint.detect import detect_from_header, needs_loading_to_plan
+    from sdtune.data import build_plan
+    from sdtune.families import SD1
+
+    source = opts.pretrained_model_name_or_path
+    found, _ = detect_from_header(source, v2=opts.v2 or None, v_parameterization=opts.v_parameterization or None)
+    plan = None
+    if opts.resolution or not needs_loading_to_plan(source, found):
+        plan = build_plan(opts, seed=seed, default_resolution=(found.family if found else SD1).resolution)
+    model = checkpoint.load_model(source, v2=opts.v2 or None, v_parameterization=opts.v_parameterization or None,
+                                  use_ema_weights=opts.use_ema_weights, dtype=dtype, verbose=verbose)
+    if plan is None:
+        plan = build_plan(opts, seed=seed, default_resolution=model.family.resolution)
+    return model, plan
 
 
 def _unwrapped_encoder(conditioner, text_encoder):

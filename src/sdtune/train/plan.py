@@ -1,54 +1,30 @@
 """`--dry_run`: what a training run would do, without torch and without loading the model.
 
-The family (which decides the default resolution) is read from the checkpoint's header only: the
-safetensors JSON header, or a Diffusers folder's configs. Anything else falls back to the SD1
-defaults, and the output says so.
+The family (which decides the default resolution) comes from the same detector loading uses
+(`sdtune.checkpoint.detect`), run on the checkpoint's header: the safetensors JSON header, a .ckpt's
+structure, or a Diffusers folder's configs. A Hub id is only read when loaded; the SD1 defaults are
+then assumed and the output says so (training loads such a model before planning).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import struct
-from pathlib import Path
+import sys
 
-from sdtune.families import SD1, SD2, SD2_V, Family
+from sdtune.families import SD1, Family
 from sdtune.train.options import TrainOptions
 
 
 def peek_family(path: str, v2: bool = False, v_parameterization: bool = False) -> tuple[Family | None, str]:
-    p = Path(path)
-    keys: set[str] = set()
-    meta: dict = {}
-    prediction = None
-    if p.is_file() and p.suffix == ".safetensors":
-        try:
-            with open(p, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error):
-            return None, "unreadable safetensors header"
-        meta = header.pop("__metadata__", {}) or {}
-        keys = set(header)
-        pt = meta.get("modelspec.prediction_type")
-        prediction = "v_prediction" if "v_pred" in keys or pt == "v" else ("epsilon" if pt == "epsilon" else None)
-        is_v2 = any(k.startswith("cond_stage_model.model.") for k in keys)
-    elif p.is_dir() and (p / "model_index.json").is_file():
-        try:
-            te = json.loads((p / "text_encoder" / "config.json").read_text())
-            sched = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
-        except (OSError, ValueError):
-            return None, "unreadable Diffusers configs"
-        is_v2 = te.get("hidden_act") == "gelu"
-        prediction = sched.get("prediction_type")
-    else:
-        return None, "family not read without loading the model"
-    is_v2 = is_v2 or v2
-    if v_parameterization:
-        prediction = "v_prediction"
-    if not is_v2:
-        return SD1.with_prediction_type(prediction or "epsilon"), "from the checkpoint header"
-    return (SD2_V if prediction == "v_prediction" else SD2), "from the checkpoint header"
+    """(family, how it was found) from the header, as loading would detect it; (None, why not)."""
+    from sdtune.checkpoint.detect import detect_from_header
+
+    found, why_not = detect_from_header(path, v2=v2 or None, v_parameterization=v_parameterization or None)
+    if found is None:
+        return None, why_not
+    for line in found.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    return found.family, f"from the checkpoint header: {found.reason}"
 
 
 def dry_run(opts: TrainOptions) -> None:
