@@ -31,7 +31,6 @@ from sdtune.data.buckets import Size, cover_size
 from sdtune.data.metadata import MetadataRecord, load_records
 from sdtune.data.options import DatasetOptions
 from sdtune.data.toml_config import dataset_specs
-from sdtune.errors import UserError
 
 RECORDED = "buckets recorded in the metadata (train_resolution, from prepare_buckets_latents.py)"
 # Options that choose buckets; a recorded bucket replaces what they would choose.
@@ -56,16 +55,14 @@ def _pair(value) -> Size | None:
 
 
 def recorded_geometry(record: MetadataRecord, size: Size) -> tuple[Size, Size]:
-    """(bucket, resized) of an image with a recorded bucket: the resize prepare used while the image
-    keeps its size, else the smallest cover of the bucket (what bucketing itself does)."""
+    """(bucket, resized) of an image with a recorded bucket: the resize prepare recorded while the
+    image keeps its size and the resize covers the bucket (a hand-edited train_resolution makes it
+    stale), else the smallest cover of the bucket, which is what bucketing itself does."""
     bucket = record.train_resolution
     latents = record.prepared_latents or {}
     resized = _pair(latents.get("resized")) if _pair(latents.get("size")) == tuple(size) else None
-    resized = resized or cover_size(size, bucket)
-    if resized[0] < bucket[0] or resized[1] < bucket[1]:
-        raise UserError(f"sdtune_latents of {record.key!r} records a resize to {resized[0]}x{resized[1]}, smaller "
-                        f"than its train_resolution {bucket[0]}x{bucket[1]}", where=str(record.path),
-                        fix="Run prepare_buckets_latents.py again.")
+    if resized is None or resized[0] < bucket[0] or resized[1] < bucket[1]:
+        resized = cover_size(size, bucket)
     return bucket, resized
 
 
