@@ -91,7 +91,8 @@ def apply_prepared(opts: DatasetOptions, *, default_resolution: int | Size | Non
     records = [r for _d, rs in recorded for r in rs]
     files = ", ".join(sorted({str(s.metadata_file) for d, _rs in recorded for s in d.subsets}))
     line = (f"prepared data: {len(records)} images train in the {len({r.train_resolution for r in records})} "
-            f"buckets recorded in {files} (train_resolution)")
+            f"buckets recorded in {files} (train_resolution)"
+            + (", whatever the dataset config's resolution and bucket keys say" if opts.dataset_config else ""))
     given = sorted(f"--{k}" for k in BUCKET_FLAGS if k in opts.model_fields_set)
     if given:
         rest = f"; they apply to the other datasets ({', '.join(d.where for d in others)})" if others else ""
