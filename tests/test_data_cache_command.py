@@ -114,7 +114,8 @@ def test_sd_scripts_prepare_buckets_latents_command_line(ws, tmp_path, capsys):
     entries = _entries(tmp_path)
     assert len(entries) == 5
     for key, record in meta.items():
-        assert {k: v for k, v in record.items() if k != "train_resolution"} == original[key]
+        assert {k: v for k, v in record.items() if k not in ("train_resolution", "sdtune_latents")} == original[key]
+        assert record["sdtune_latents"]["dtype"] == "float32"  # --mixed_precision no
         # the bucket it names is the size the cached latents were encoded at (latents are 1/8 of it)
         entry = next(p for p in entries if p.name.startswith(f"{key}."))
         latent = next(t for t in load_file(str(entry)).values() if t.dim() == 3)  # (4, h/8, w/8)
@@ -124,7 +125,7 @@ def test_sd_scripts_prepare_buckets_latents_command_line(ws, tmp_path, capsys):
 
     # the training line it prints reuses every entry: no VAE encoder call
     line = next(l for l in err.splitlines() if l.startswith("train with the cached latents:"))
-    flags = shlex.split(line.split("fine_tune.py) ", 1)[1].removesuffix(" ..."))
+    flags = shlex.split(line.split("fine_tune.py) ", 1)[1].split(" ...", 1)[0])
     assert flags[:2] == ["--in_json", str(tmp_path / "meta_lat.json")]
     with EncoderCalls() as train_run:
         code = main(["train", *flags, "--pretrained_model_name_or_path", str(ws / "model16.safetensors"),

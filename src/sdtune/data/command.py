@@ -46,9 +46,10 @@ def run(args) -> int:
     return 0
 
 
-def cache_latents(opts: CacheOptions, *, v2: bool | None = None):
-    """Load the model's VAE, plan the dataset and fill the disk cache; returns the plan of the images
-    that are cached (unreadable ones left out)."""
+def cache_latents(opts: CacheOptions, *, v2: bool | None = None, recorded_buckets: bool = True):
+    """Load the model's VAE, plan the dataset and fill the disk cache; returns the cache, whose plan
+    holds the images that are cached (unreadable ones left out). `recorded_buckets=False` buckets by
+    the options even where the metadata records buckets (the step that records them)."""
     import torch
 
     from sdtune.checkpoint import load_model
@@ -56,11 +57,11 @@ def cache_latents(opts: CacheOptions, *, v2: bool | None = None):
     from sdtune.data.plan import build_plan
 
     model = load_model(opts.pretrained_model_name_or_path, v2=v2)
-    plan = build_plan(opts, seed=0, default_resolution=model.family.resolution)
+    plan = build_plan(opts, seed=0, default_resolution=model.family.resolution, recorded_buckets=recorded_buckets)
     print(plan.summary(), file=sys.stderr)
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = ensure_latent_cache(plan, model.vae, device=device, to_disk=True)
     print(f"latent cache: {cache.reused} reused, {cache.encoded} encoded, "
           f"{len(cache.plan.skipped)} images skipped", file=sys.stderr)
-    return cache.plan
+    return cache
 

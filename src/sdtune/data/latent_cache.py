@@ -188,6 +188,7 @@ class LatentCache:
     reused: int = 0
     encoded: int = 0
     reasons: Counter = field(default_factory=Counter)
+    dtype: str = ""  # the precision the VAE encodes (and encoded) the entries in, e.g. "float32"
 
     def has(self, index: int, flip: bool) -> bool:
         return (index, flip) in self.paths or (index, flip) in self.memory
@@ -307,7 +308,7 @@ def ensure_latent_cache(plan: DatasetPlan, vae, *, device="cpu", dtype=None, to_
     reuse, todo, failures = _plan_entries(plan, vae_id, dtype_name, to_disk, hashes, rank, world_size,
                                           check=not opts.skip_cache_check)
     hashes.flush()
-    cache = LatentCache(plan)
+    cache = LatentCache(plan, dtype=dtype_name)
     for e in reuse:
         cache.paths[(e.sample, e.flip)] = str(e.path)
         _delete(e.old)

@@ -2,9 +2,18 @@
 
 JSON: `{"<key>": {"caption": ..., "tags": ..., "image_size": [w, h], ...}, ...}`.
 JSONL: one `{"image_path": ..., "caption": ..., "tags": ..., "image_size": ...}` per line.
-A key is an absolute path, a path relative to the subset's image folder, or a stem / path without
-extension, resolved by trying the image extensions (sd-scripts before #2327 did not, see spec §1.6).
-Other fields (e.g. `train_resolution`) are tolerated and ignored. No torch.
+A key is found, in this order (`resolve_key`):
+
+1. as a path as it stands: absolute, or relative to the working directory. This is what the
+   `--full_path` preparation steps write when given a relative image folder (`train_data/a.png`), and
+   what sd-scripts' fine-tuning dataset tried first when its documented workflow was written;
+2. relative to the subset's image folder (sd-scripts today);
+3. a stem or a path without extension, by trying the image extensions, in the image folder and then
+   as it stands (the merge scripts' keys without `--full_path`).
+
+`train_resolution` (`[w, h]`, the bucket prepare_buckets_latents.py chose) and `sdtune_latents` (how
+sdtune's prepare step cached the image's latents, see `sdtune.data.prepared`) are read; other fields
+are tolerated and ignored. No torch.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ class MetadataRecord:
     caption: str | None
     tags: str | None
     image_size: tuple[int, int] | None
+    train_resolution: tuple[int, int] | None = None
+    prepared_latents: dict | None = None
 
 
 def read_metadata(path: str | Path) -> dict[str, dict]:
@@ -69,20 +80,22 @@ def _read_jsonl(text: str, path: Path) -> dict[str, dict]:
 
 
 def resolve_key(key: str, image_dir: Path | None) -> Path | None:
-    """The image file a metadata key names, or None when none exists."""
-    p = Path(key).expanduser()
-    if not p.is_absolute():
-        if image_dir is None:
-            return None
-        p = image_dir / p
-    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-        return p
-    for ext in IMAGE_EXTENSIONS:
-        for cand in (p.with_name(p.name + ext), p.with_name(p.name + ext.upper())):
-            if cand.is_file():
-                return cand
-    if p.is_file():  # an image with an unusual extension named explicitly: let PIL judge it
-        return p
+    """The image file a metadata key names, or None when none exists (order: see the module doc)."""
+    as_is = Path(key).expanduser()
+    paths = [as_is]
+    if image_dir is not None and not as_is.is_absolute():
+        paths.append(image_dir / as_is)
+    for p in paths:
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            return p
+    for p in reversed(paths):  # a stem names an image of the image folder first
+        for ext in IMAGE_EXTENSIONS:
+            for cand in (p.with_name(p.name + ext), p.with_name(p.name + ext.upper())):
+                if cand.is_file():
+                    return cand
+    for p in paths:  # an image with an unusual extension named explicitly: let PIL judge it
+        if p.is_file():
+            return p
     return None
 
 
@@ -96,14 +109,32 @@ def _text(value, key: str, field: str, where: str) -> str | None:
     return value
 
 
-def _size(value, key: str, where: str) -> tuple[int, int] | None:
+def _size(value, key: str, where: str, field: str = "image_size") -> tuple[int, int] | None:
     if value is None:
         return None
     if (isinstance(value, (list, tuple)) and len(value) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
         return int(value[0]), int(value[1])
-    raise UserError(f"image_size of {key!r} is {value!r}, expected [width, height]", where=where,
-                    fix="Fix or remove it (sizes are read from the image when absent).")
+    fix = ("Fix or remove it (sizes are read from the image when absent)." if field == "image_size"
+           else "Run prepare_buckets_latents.py again, or remove it.")
+    raise UserError(f"{field} of {key!r} is {value!r}, expected [width, height]", where=where, fix=fix)
+
+
+def _bucket(value, key: str, where: str) -> tuple[int, int] | None:
+    size = _size(value, key, where, field="train_resolution")
+    if size is not None and (size[0] % 8 or size[1] % 8):
+        raise UserError(f"train_resolution of {key!r} is {list(size)}, not a multiple of 8 (the VAE downsamples by 8)",
+                        where=where, fix="Run prepare_buckets_latents.py again, or remove train_resolution.")
+    return size
+
+
+def _prepared(value, key: str, where: str) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise UserError(f"sdtune_latents of {key!r} is a {type(value).__name__}, expected an object", where=where,
+                        fix="Run prepare_buckets_latents.py again, or remove sdtune_latents.")
+    return value
 
 
 def load_records(metadata_file: str | Path, image_dir: str | Path | None) -> list[MetadataRecord]:
@@ -123,14 +154,18 @@ def load_records(metadata_file: str | Path, image_dir: str | Path | None) -> lis
             key=key, path=path,
             caption=_text(value.get("caption"), key, "caption", where),
             tags=_text(value.get("tags"), key, "tags", where),
-            image_size=_size(value.get("image_size"), key, where)))
+            image_size=_size(value.get("image_size"), key, where),
+            train_resolution=_bucket(value.get("train_resolution"), key, where),
+            prepared_latents=_prepared(value.get("sdtune_latents"), key, where)))
     if missing:
         listed = ", ".join(repr(k) for k in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         if root is None and any(not Path(k).is_absolute() for k in missing):
-            fix = "The keys are relative: set image_dir in the subset (or --train_data_dir)."
+            fix = (f"The keys are relative and not found from the working directory ({Path.cwd()}): set image_dir "
+                   "in the subset (or --train_data_dir), or run from the folder the keys start from.")
         else:
-            fix = f"Check that the images are in {root or 'the named folders'} and that the keys match their names."
+            fix = (f"Check that the images are in {root or 'the named folders'} and that the keys match their names "
+                   f"(keys with folders, as --full_path writes them, are also tried from {Path.cwd()}).")
         raise UserError(f"{len(missing)} of {len(raw)} images in the metadata were not found: {listed}{more}",
                         where=where, fix=fix)
     if not records:

@@ -17,6 +17,7 @@ from sdtune.data.buckets import BucketRule, Size
 from sdtune.data.images import BadImage, read_size
 from sdtune.data.metadata import load_records
 from sdtune.data.options import DatasetOptions
+from sdtune.data.prepared import RECORDED, all_recorded, recorded_geometry
 from sdtune.data.toml_config import DatasetSpec, SubsetSpec, dataset_specs
 from sdtune.errors import UserError
 
@@ -108,8 +109,8 @@ class DatasetPlan:
     def summary(self, num_processes: int = 1, gradient_accumulation_steps: int = 1) -> str:
         lines = []
         for d in self.datasets:
-            rule = _rule(d)
-            lines.append(f"dataset {d.index} ({d.where}): batch size {d.batch_size}; {rule.describe()}")
+            rule = RECORDED if d.recorded_buckets else _rule(d).describe()
+            lines.append(f"dataset {d.index} ({d.where}): batch size {d.batch_size}; {rule}")
             for s in d.subsets:
                 n = sum(1 for x in self.active if x.subset == s.index)
                 if getattr(s, "is_validation", False):
@@ -169,11 +170,13 @@ def _sizes(paths: list[Path], workers: int) -> list[Size | BadImage]:
 
 
 def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | Size | None = None,
-               warn=None) -> DatasetPlan:
+               warn=None, recorded_buckets: bool = True) -> DatasetPlan:
     """Read the dataset config (or --in_json), every metadata file and every image header.
 
     Unreadable or too-small images are skipped and listed in `plan.skipped` (an error under
-    --strict). `warn(str)` receives one line per skipped image (default: stderr).
+    --strict). `warn(str)` receives one line per skipped image (default: stderr). A dataset whose
+    every image has a `train_resolution` trains each image in that bucket (unless
+    `recorded_buckets=False`, for the step that records them).
     """
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     if options.caches_latents and (options.color_aug or options.random_crop):
@@ -185,10 +188,12 @@ def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | 
             _refuse_cached_aug(s.where, s.color_aug)
     samples: list[Sample] = []
     skipped: list[tuple[str, str]] = []
-    for d in specs:
+    for position, d in enumerate(specs):
+        loaded = [(s, load_records(s.metadata_file, s.image_dir)) for s in d.subsets]
+        if recorded_buckets and all_recorded([r for _s, records in loaded for r in records]):
+            d = specs[position] = replace(d, enable_bucket=True, recorded_buckets=True)
         rule = _rule(d)
-        for s in d.subsets:
-            records = load_records(s.metadata_file, s.image_dir)
+        for s, records in loaded:
             need = [r.path for r in records if r.image_size is None]
             read = dict(zip(need, _sizes(need, min(8, max(1, options.max_data_loader_n_workers)))))
             for r in records:
@@ -196,7 +201,7 @@ def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | 
                 if isinstance(size, BadImage):
                     _skip(skipped, str(r.path), size.reason, options.strict, warn)
                     continue
-                assigned = rule.assign(size)
+                assigned = recorded_geometry(r, size) if d.recorded_buckets else rule.assign(size)
                 if assigned is None:
                     _skip(skipped, str(r.path), f"too small ({size[0]}x{size[1]}) for a bucket of step "
                           f"{d.bucket_reso_steps}", options.strict, warn)

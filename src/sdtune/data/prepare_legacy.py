@@ -7,8 +7,10 @@ sd-scripts' documented fine-tuning workflow runs this between merging the metada
 At the sd-scripts snapshot we follow it writes no latents at all (reference spec §1.7); here it
 works: the images are bucketed as `--enable_bucket` training buckets them, their latents are cached
 in sdtune's content-addressed cache (`<image folder>/.sdtune-cache/`), and `out_json` is `in_json`
-with each image's bucket as `train_resolution` (what sd-scripts writes). Training reuses the cache
-with `--cache_latents_to_disk` and the same bucket options; the command prints that line.
+with each image's bucket as `train_resolution` (what sd-scripts writes) and, as `sdtune_latents`, how
+its latents were cached (VAE precision, resize, mirrored or not). Training with the documented line
+(`--in_json out_json --train_data_dir ...`, no bucket or cache flag) then trains each image in its
+recorded bucket from these latents, without a VAE call (`sdtune.data.prepared`).
 """
 
 from __future__ import annotations
@@ -64,15 +66,7 @@ def run(args: argparse.Namespace) -> int:
     out_json = Path(args.out_json)
     if out_json.suffix.lower() not in (".json", ".jsonl"):
         raise UserError("the output metadata must be a .json or .jsonl file", where=str(out_json))
-    bucket_flags = ["--enable_bucket", "--resolution", args.max_resolution, "--min_bucket_reso",
-                    str(args.min_bucket_reso), "--max_bucket_reso", str(args.max_bucket_reso),
-                    "--bucket_reso_steps", str(args.bucket_reso_steps)]
-    if args.bucket_no_upscale:
-        bucket_flags.append("--bucket_no_upscale")
-    if args.flip_aug:
-        bucket_flags.append("--flip_aug")
-    if args.mixed_precision == "no":  # the VAE ran in float32: training must encode alike to reuse the cache
-        bucket_flags.append("--no_half_vae")
+    # the VAE ran in float32 with "no": recorded per image, so that training encodes (or finds) alike
     values = {"in_json": args.in_json, "train_data_dir": str(image_dir), "resolution": args.max_resolution,
               "enable_bucket": True, "min_bucket_reso": args.min_bucket_reso, "max_bucket_reso": args.max_bucket_reso,
               "bucket_reso_steps": args.bucket_reso_steps, "bucket_no_upscale": args.bucket_no_upscale,
@@ -84,24 +78,29 @@ def run(args: argparse.Namespace) -> int:
     meta = read_metadata(args.in_json)  # before the long part: a bad file fails at once
 
     from sdtune.data.command import cache_latents
+    from sdtune.data.prepared import latents_record
 
-    plan = cache_latents(opts, v2=args.v2 or None)
-    key_of = {}
+    # the buckets of this run's options, not those a previous run recorded in in_json
+    cache = cache_latents(opts, v2=args.v2 or None, recorded_buckets=False)
+    plan = cache.plan
+    done = {sample.path: sample for sample in plan.active}
     for key in meta:
         path = resolve_key(key, image_dir)
-        if path is not None:
-            key_of[str(path)] = key
-    for sample in plan.active:
-        key = key_of.get(sample.path)
-        if key is not None:
-            meta[key]["train_resolution"] = [int(sample.bucket[0]), int(sample.bucket[1])]
+        sample = done.get(str(path)) if path is not None else None
+        if sample is None:  # left out (unreadable): no stale record from an earlier run
+            meta[key].pop("train_resolution", None)
+            meta[key].pop("sdtune_latents", None)
+            continue
+        meta[key]["train_resolution"] = [int(sample.bucket[0]), int(sample.bucket[1])]
+        meta[key]["sdtune_latents"] = latents_record(cache.dtype, sample.size, sample.resized, args.flip_aug)
 
     from sdtune.prep.files import write_metadata
 
     backup = write_metadata(out_json, meta)
     print(f"wrote {out_json} ({len(plan.active)} images with train_resolution"
           + (f"; the previous file kept as {backup}" if backup else "") + ")", file=sys.stderr)
+    # no bucket or cache flag is needed: training reads the record (sdtune.data.prepared)
     print("train with the cached latents: sdtune train (or fine_tune.py) --in_json "
-          f"{out_json} --train_data_dir {image_dir} --cache_latents_to_disk {' '.join(bucket_flags)} ...",
+          f"{out_json} --train_data_dir {image_dir} ... (each image in its recorded bucket, from these latents)",
           file=sys.stderr)
     return 0

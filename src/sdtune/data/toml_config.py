@@ -89,6 +89,8 @@ class DatasetSpec:
     # None: not set in the config; the trainer's --validation_split / --validation_seed apply
     validation_split: float | None = None
     validation_seed: int | None = None
+    # every image trains in the bucket its metadata records (train_resolution, see sdtune.data.prepared)
+    recorded_buckets: bool = False
 
 
 def _check_type(value: Any, kind: str, key: str, where: str) -> Any:

@@ -26,8 +26,24 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         raise UserError(problems[0] + more)
     return parse_options(TrainOptions, args, getattr(args, "config_file", None), exclude=("debug", "command", "config_file"))
 
+def with_prepared_data(opts: TrainOptions) -> TrainOptions:
+    """The options with what the dataset's preparation recorded (buckets, latent cache), each
+    decision said once; decided here, once, so that --dry_run and training agree."""
+    import os
+
+    from sdtune.data.prepared import apply_prepared
+    from sdtune.families import SD1
+    from sdtune.train.plan import peek_family
+
+    family, _how = peek_family(opts.pretrained_model_name_or_path, opts.v2, opts.v_parameterization)
+    opts, notes = apply_prepared(opts, default_resolution=(family or SD1).resolution)
+    if os.environ.get("RANK", "0") == "0":  # once under a multi-process launch
+        for line in notes:
+            print(f"note: {line}")
+    return opts
+
 def run(args: argparse.Namespace) -> int:
-    opts = options_from_args(args)
+    opts = with_prepared_data(options_from_args(args))
     if opts.dry_run:
         from sdtune.train.plan import dry_run
 
