@@ -72,6 +72,9 @@ def train(opts: TrainOptions) -> TrainResult:
     model = checkpoint.load_model(opts.pretrained_model_name_or_path, v2=opts.v2 or None,
                                   v_parameterization=opts.v_parameterization or None,
                                   use_ema_weights=opts.use_ema_weights, dtype=torch.float32, verbose=main)
+    if opts.vae:  # as sd-scripts: it caches, encodes, samples and is saved in place of the model's own
+        model = _replace(model, vae=checkpoint.load_vae(opts.vae, like=model.vae, dtype=torch.float32))
+        note(f"vae: {opts.vae} (for the latents, the samples and the saved model)")
     if not opts.resolution and model.family.resolution != (guess or SD1).resolution:
         plan = build_plan(opts, seed=seed, default_resolution=model.family.resolution)
     plan, held_out = validation.split_plan(plan, opts.validation_split, opts.effective_validation_seed)
@@ -294,7 +297,8 @@ def train(opts: TrainOptions) -> TrainResult:
                     noise, timesteps, noisy = objective.noise_batch(latents, gen)
                     with accelerator.autocast(), mem_eff_context(opts):
                         pred = unet(noisy, timesteps, cond).sample
-                    loss = objective.loss(pred.float(), objective.target(latents, noise, timesteps).float(), timesteps)
+                    loss = objective.loss(pred.float(), objective.target(latents, noise, timesteps).float(), timesteps,
+                                          batch.get("loss_mask"))
                     if not torch.isfinite(loss):
                         progress.close()  # the error goes on a line of its own
                         raise diverged(global_step + 1, loss.item(), opts)
