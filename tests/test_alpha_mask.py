@@ -152,3 +152,28 @@ def test_subset_key_and_flag_precedence(data, tmp_path):
     assert torch.equal(BatchDataset(plan)[spec]["loss_mask"], torch.ones(1, 1, 8, 8))  # its subset has no mask
     no_key = _opts(root, alpha_mask=True)
     assert [s.alpha_mask for s in dataset_specs(no_key)[0].subsets] == [True]  # the flag alone
+
+
+def test_transparent_images_train_nothing_end_to_end(tmp_path):
+    """The real training command: with --alpha_mask, fully transparent images give a zero loss, no update
+    (plain SGD: no weight decay) and a zero validation loss; the flag reaches the loop and the validator."""
+    from sdtune.cli import build_parser
+    from sdtune.testing import write_tiny_model
+    from sdtune.train.command import options_from_args
+    from sdtune.train.loop import train
+
+    model = write_tiny_model(tmp_path / "m.safetensors", "sd1", seed=0)
+    (tmp_path / "img").mkdir()
+    for name in ("a", "b", "c"):
+        _rgba(tmp_path / "img" / f"{name}.png", np.zeros((64, 64), np.uint8))
+    (tmp_path / "m.json").write_text('{"a": {"caption": "a"}, "b": {"caption": "b"}, "c": {"caption": "c"}}')
+    args = build_parser("train").parse_args([
+        "train", "--pretrained_model_name_or_path", str(model), "--in_json", str(tmp_path / "m.json"),
+        "--train_data_dir", str(tmp_path / "img"), "--output_dir", str(tmp_path / "out"), "--resolution", "64",
+        "--train_batch_size", "2", "--max_train_steps", "1", "--max_data_loader_n_workers", "0", "--alpha_mask",
+        "--cache_latents", "--optimizer_type", "torch.optim.SGD", "--learning_rate", "1.0", "--validation_split", "0.34"])
+    result = train(options_from_args(args))
+    assert result.losses == [0.0] and [v for _s, v in result.validation_losses] == [0.0]
+    before, after = load_file(str(model)), load_file(str(tmp_path / "out" / "last.safetensors"))
+    unet = [k for k in before if k.startswith("model.diffusion_model.")]
+    assert unet and all(torch.equal(before[k], after[k]) for k in unet)

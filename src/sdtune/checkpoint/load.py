@@ -346,10 +346,14 @@ def _vae_from_folder(path: Path, dtype, label: str):
 def _vae_from_hub(repo: str, dtype, label: str):
     from diffusers import AutoencoderKL
 
+    import warnings
+
     errors = []
     for sub in (None, "vae"):  # a VAE repository, else a model repository's vae/ (as sd-scripts tries)
         try:
-            return AutoencoderKL.from_pretrained(repo, subfolder=sub, torch_dtype=dtype).eval()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers' own call
+                return AutoencoderKL.from_pretrained(repo, subfolder=sub, torch_dtype=dtype).eval()
         except Exception as exc:  # hub errors come as OSError, ValueError, HTTP and offline errors
             errors.append(f"{type(exc).__name__}: {str(exc)[:120]}")
     raise UserError(f"could not load the VAE {repo!r} from the Hugging Face Hub or its cache ({errors[-1]})", where=label,
