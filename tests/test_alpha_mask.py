@@ -177,3 +177,25 @@ def test_transparent_images_train_nothing_end_to_end(tmp_path):
     before, after = load_file(str(model)), load_file(str(tmp_path / "out" / "last.safetensors"))
     unet = [k for k in before if k.startswith("model.diffusion_model.")]
     assert unet and all(torch.equal(before[k], after[k]) for k in unet)
+
+
+def test_prepare_buckets_latents_alpha_mask_caches_the_masks(data, capsys):
+    """sd-scripts' `prepare_buckets_latents.py ... --alpha_mask`: the entries hold the masks, and the
+    training line it prints asks for them."""
+    from sdtune.cli import main
+    from sdtune.testing import write_tiny_model
+
+    tmp_path, alphas = data
+    model = write_tiny_model(tmp_path / "model.safetensors", "sd1", seed=0)
+    code = main(["prepare_buckets_latents", str(tmp_path / "img"), str(tmp_path / "m.json"), str(tmp_path / "lat.json"),
+                 str(model), "--max_resolution", "64,64", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
+                 "--bucket_reso_steps", "32", "--max_data_loader_n_workers", "0", "--alpha_mask"])
+    assert code == 0
+    line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("train with the cached latents"))
+    assert " --alpha_mask" in line
+    cache = tmp_path / "img" / ".sdtune-cache"
+    entries = {p.name.split(".png.")[0]: load_file(str(p)) for p in cache.glob("*.safetensors")}
+    assert sorted(entries) == ["a", "b", "c"]
+    torch.testing.assert_close(entries["a"]["mask"], _blocks(alphas["a"]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(entries["b"]["mask"], _blocks(alphas["b"]), rtol=0, atol=0)
+    assert torch.equal(entries["c"]["mask"], torch.ones(8, 8))
