@@ -344,9 +344,9 @@ def _vae_from_folder(path: Path, dtype, label: str):
 
 
 def _vae_from_hub(repo: str, dtype, label: str):
-    from diffusers import AutoencoderKL
-
     import warnings
+
+    from diffusers import AutoencoderKL
 
     errors = []
     for sub in (None, "vae"):  # a VAE repository, else a model repository's vae/ (as sd-scripts tries)
@@ -366,7 +366,10 @@ def _check_vae_fits(vae, like, label: str) -> None:
     if mine["latent_channels"] != theirs["latent_channels"]:
         raise UserError(f"the VAE makes {mine['latent_channels']}-channel latents; the model's U-Net takes "
                         f"{theirs['latent_channels']}", where=label, fix="Use a VAE made for Stable Diffusion 1.x/2.x.")
-    if len(mine["block_out_channels"]) != len(theirs["block_out_channels"]) or mine.get("in_channels", 3) != 3:
+    if len(mine["block_out_channels"]) != len(theirs["block_out_channels"]):
         factor = 2 ** (len(mine["block_out_channels"]) - 1)
         raise UserError(f"the VAE scales images down {factor}x (Stable Diffusion's VAEs: 8x)", where=label,
+                        fix="Use a VAE made for Stable Diffusion 1.x/2.x.")
+    if mine["in_channels"] != 3 or mine["out_channels"] != 3:
+        raise UserError(f"the VAE encodes {mine['in_channels']}-channel images (RGB: 3)", where=label,
                         fix="Use a VAE made for Stable Diffusion 1.x/2.x.")

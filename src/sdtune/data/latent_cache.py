@@ -14,9 +14,10 @@ every image's bytes on every run would be slow, so `index.json` in each cache fo
 Where: `<image folder>/.sdtune-cache/` by default, or `<cache_dir>/<hash of the image folder>/`.
 An entry is `<image name>.<n|f>.<key[:16]>.safetensors` ("f" = the mirrored variant, made when
 flip_aug is on) holding the VAE posterior `mean` and `logvar` (float16, shape (C, H/8, W/8)) and
-its key's parts as metadata; with alpha_mask also `mask` (float32, (H/8, W/8), from the alpha
-channel as `images.prepare_sample` makes it on the uncached path). The trainer samples `mean + exp(logvar / 2) * noise` afresh at every
-step and multiplies by `vae.config.scaling_factor` (sd-scripts caches one frozen sample).
+its key's parts as metadata; with alpha_mask also `mask` (float32, (H/8, W/8), made from the alpha
+channel by `images.prepare_sample` as on the uncached path). The trainer samples
+`mean + exp(logvar / 2) * noise` afresh at every step and multiplies by `vae.config.scaling_factor`
+(sd-scripts caches one frozen sample).
 
 Entries are written atomically, one per image, so an interrupted run keeps everything it wrote and
 the next run encodes only the rest. Unless --skip_cache_check, every entry's header (key, shapes,
@@ -465,7 +466,7 @@ def load_entry(path: str, bucket: tuple[int, int]):
 
 
 def load_entry_with_mask(path: str, bucket: tuple[int, int]):
-    """(mean, logvar, mask): `load_entry` plus the loss mask (None when the entry has none)."""
+    """`load_entry` plus the entry's float32 loss mask (None when it has none)."""
     from safetensors.torch import load_file
 
     tensors = load_file(path)
