@@ -33,6 +33,11 @@ def _rgba(path, alpha: np.ndarray, colour=(200, 30, 30)):
     Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(path)
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_model("sd1", seed=0)
+
+
 @pytest.fixture
 def data(tmp_path):
     """Three 64x64 images (bucket size: no resize): random alpha, a transparent left half, and no alpha."""
@@ -69,7 +74,7 @@ def _batch(plan, cache=None, flips=(False, False, False)):
     return BatchDataset(plan, cache)[spec]
 
 
-def test_masks_from_alpha_cached_and_uncached_agree(data):
+def test_masks_from_alpha_cached_and_uncached_agree(data, tiny):
     tmp_path, alphas = data
     plan = build_plan(_opts(tmp_path, cache_latents_to_disk=True, flip_aug=True), seed=0)
     uncached = _batch(plan, flips=(False, True, False))
@@ -78,7 +83,7 @@ def test_masks_from_alpha_cached_and_uncached_agree(data):
     torch.testing.assert_close(mask[0, 0], _blocks(alphas["a"]), rtol=0, atol=1e-6)
     torch.testing.assert_close(mask[1, 0], _blocks(alphas["b"][:, ::-1].copy()), rtol=0, atol=0)  # flipped with the image
     assert torch.equal(mask[2, 0], torch.ones(8, 8))  # no alpha channel: every pixel counts
-    vae = build_tiny_model("sd1", seed=0).vae
+    vae = tiny.vae
     cache = ensure_latent_cache(plan, vae, log=lambda m: None, progress=False)
     cached = _batch(cache.plan, cache, flips=(False, True, False))
     assert torch.equal(cached["loss_mask"], mask)
@@ -86,9 +91,9 @@ def test_masks_from_alpha_cached_and_uncached_agree(data):
     assert torch.equal(_batch(memory.plan, memory, flips=(False, True, False))["loss_mask"], mask)
 
 
-def test_cache_is_keyed_on_the_mask(data):
+def test_cache_is_keyed_on_the_mask(data, tiny):
     tmp_path, _alphas = data
-    vae = build_tiny_model("sd1", seed=0).vae
+    vae = tiny.vae
     plain = ensure_latent_cache(build_plan(_opts(tmp_path, alpha_mask=False, cache_latents_to_disk=True), seed=0), vae,
                                 log=lambda m: None, progress=False)
     assert plain.encoded == 3 and all("mask" not in load_file(p) for p in plain.paths.values())
@@ -101,13 +106,13 @@ def test_cache_is_keyed_on_the_mask(data):
     assert again.reused == 3 and again.encoded == 0
 
 
-def test_masked_loss_equals_sd_scripts_formula():
+def test_masked_loss_equals_sd_scripts_formula(tiny):
     gen = torch.Generator().manual_seed(0)
     pred, tgt = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
     alpha = torch.randint(0, 256, (2, 64, 64), generator=gen).to(torch.uint8).numpy()
     full = torch.from_numpy(alpha.astype(np.float32) / 255.0)  # the image-size mask sd-scripts batches
     timesteps = torch.tensor([10, 900])
-    sched = build_tiny_model("sd1").scheduler_config
+    sched = tiny.scheduler_config
     for loss_type in ("l2", "l1"):
         objective = DiffusionObjective.from_options(SimpleNamespace(loss_type=loss_type), sched, "epsilon")
         elementwise = (pred - tgt) ** 2 if loss_type == "l2" else (pred - tgt).abs()
@@ -119,12 +124,11 @@ def test_masked_loss_equals_sd_scripts_formula():
         torch.testing.assert_close(unmasked, elementwise.mean(), rtol=1e-6, atol=0)
 
 
-def test_transparent_half_gets_no_gradient(data):
+def test_transparent_half_gets_no_gradient(data, tiny):
     tmp_path, _alphas = data
     mask = _batch(build_plan(_opts(tmp_path), seed=0))["loss_mask"][1:2]  # b.png: left half transparent
     assert torch.equal(mask[0, 0, :, :4], torch.zeros(8, 4)) and torch.equal(mask[0, 0, :, 4:], torch.ones(8, 4))
-    objective = DiffusionObjective.from_options(SimpleNamespace(), build_tiny_model("sd1").scheduler_config,
-                                                "epsilon")
+    objective = DiffusionObjective.from_options(SimpleNamespace(), tiny.scheduler_config, "epsilon")
     pred = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
     tgt = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     objective.loss(pred, tgt, torch.tensor([500]), mask).backward()
