@@ -140,8 +140,6 @@ def test_prepare_buckets_latents_refuses_what_it_cannot_do(ws, tmp_path, capsys)
             str(ws / "model32.safetensors")]
     assert main([*base, "--mixed_precision", "bf16"]) == 2
     assert "--mixed_precision bf16" in capsys.readouterr().err
-    assert main([*base, "--alpha_mask"]) == 2
-    assert "alpha masks are not supported" in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists() and not (tmp_path / "img" / ".sdtune-cache").exists()
 
 

@@ -137,6 +137,8 @@ ELSEWHERE = {
     "v2": "tests/test_checkpoint_safety.py::test_detection_of_each_family_and_each_override",
     "v_parameterization": "tests/test_checkpoint_safety.py::test_detection_of_each_family_and_each_override",
     "use_ema_weights": "tests/test_checkpoint_roundtrip.py::test_use_ema_weights_takes_the_ema_unet_and_outputs_drop_ema",
+    "vae": "tests/test_vae_flag.py::test_vae_caches_and_is_saved",
+    "alpha_mask": "tests/test_alpha_mask.py::test_transparent_images_train_nothing_end_to_end",
     # logging, sampling details: the loop hands them to RunLogger / sampling
     "log_tracker_config": "tests/test_logs.py::test_tracker_config_file",
     "log_config": "tests/test_logs.py::test_tensorboard_scalars_images_and_config",

@@ -4,6 +4,7 @@ Public API (used by train, convert, testing):
 
     load_model(path_or_id, *, v2=None, v_parameterization=None, use_ema_weights=False,
                config=None, dtype=None, verbose=True) -> SDModel
+    load_vae(path_or_id, *, like, dtype=None) -> AutoencoderKL   (a separate VAE, --vae)
     save_model(model, path, *, fmt, precision=None, metadata=None, title=None, progress=True) -> Path
     build_modelspec(family, *, title, resolution=None, date=None, clip_skip=None, training=None,
                     diffusers=False, extra=None) -> dict[str, str]
@@ -30,8 +31,8 @@ Nothing here imports torch at module level, so `sdtune convert --help` stays fas
 
 from __future__ import annotations
 
-from .load import load_model
+from .load import load_model, load_vae
 from .modelspec import build_modelspec
 from .save import PRECISIONS, SAVE_FORMATS, save_model
 
-__all__ = ["load_model", "save_model", "build_modelspec", "SAVE_FORMATS", "PRECISIONS"]
+__all__ = ["load_model", "load_vae", "save_model", "build_modelspec", "SAVE_FORMATS", "PRECISIONS"]

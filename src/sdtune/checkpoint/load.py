@@ -278,3 +278,121 @@ def _load_hub(repo: str, v2, v_param, dtype):
     for m in (unet, vae, text_encoder):
         m.eval()
     return SDModel(found.family, unet, vae, text_encoder, tokenizer, sched, source=repo, detection=found.reason), found
+
+
+# --------------------------------------------------------------------------------------------- separate VAE
+
+
+def load_vae(path_or_id, *, like, dtype=None, where: str = "--vae"):
+    """An `AutoencoderKL` from a VAE file, a Diffusers VAE folder, a model folder with `vae/`, a whole
+    checkpoint (its `first_stage_model.*`) or a Hub id, to use in place of `like` (the model's own VAE).
+
+    Files in the original layout take their widths from the tensor shapes and the rest of the config
+    (scaling factor, norm groups) from `like`; Diffusers folders bring their own config. The VAE must
+    make the latents the U-Net takes: same latent channels and the same 8x downsampling.
+    """
+    path = Path(path_or_id)
+    label = f"{where} {path_or_id}"
+    if path.is_file():
+        vae = _vae_from_file(path, dict(like.config), dtype, label)
+    elif path.is_dir():
+        vae = _vae_from_folder(path, dtype, label)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_id)) and path.suffix not in (".safetensors", ".ckpt"):
+        vae = _vae_from_hub(str(path_or_id), dtype, label)
+    else:
+        raise UserError("VAE not found", where=label,
+                        fix="Give a .safetensors/.ckpt VAE file, a Diffusers VAE or model folder, or a Hugging Face id.")
+    _check_vae_fits(vae, like, label)
+    return vae.requires_grad_(False).eval()
+
+
+def _vae_from_file(path: Path, base: dict, dtype, label: str):
+    from diffusers import AutoencoderKL
+
+    sd, _extras = read_state_dict(path)
+    found = va.original_layout(sd)
+    if found is None:
+        raise UserError(f"not a VAE: no encoder/decoder tensors (first keys: {sorted(sd)[:3]})", where=label,
+                        fix="Give a VAE file such as vae-ft-mse-840000-ema-pruned.safetensors, or a whole checkpoint.")
+    original, layout = found
+    base = {k: v for k, v in base.items() if not k.startswith("_")}
+    try:
+        cfg = va.derive_config({va.PREFIX + k: v for k, v in original.items()}, base)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UserError(f"not a Stable Diffusion VAE ({layout}; looking for {exc})", where=label,
+                        fix="Give an SD 1.x/2.x VAE (KL-f8) file.") from None
+    if cfg["block_out_channels"] != base["block_out_channels"]:
+        cfg["norm_num_groups"] = _groups(cfg["block_out_channels"])
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        vae = AutoencoderKL.from_config(cfg)
+    wanted, missing = {}, []
+    for k in vae.state_dict():
+        v = original.get(va.to_original_key(k, cfg))
+        if v is None:
+            missing.append(va.to_original_key(k, cfg))
+            continue
+        wanted[k] = v[:, :, 0, 0] if va.is_attention_matrix(k) and v.ndim == 4 else v
+    if missing:
+        raise UserError(f"{len(missing)} VAE tensors are missing ({layout}), e.g. {missing[:3]}", where=label,
+                        fix="The file is incomplete or not an SD 1.x/2.x VAE.")
+    _assign(vae, wanted, dtype, label)
+    return vae
+
+
+def _vae_from_folder(path: Path, dtype, label: str):
+    from diffusers import AutoencoderKL
+
+    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise UserError("not a Diffusers VAE folder (no config.json, no vae/config.json)", where=label,
+                        fix="Point at a folder holding the VAE's config.json and weights, or at a model folder with vae/.")
+    cfg = _json(folder / "config.json")
+    if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise UserError(f"not a VAE folder: its config is for {cfg['_class_name']}", where=label,
+                        fix="Point at the vae/ folder or at the model folder above it.")
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights():
+            vae = AutoencoderKL.from_config(cfg)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise UserError(f"the VAE config cannot be used ({exc})", where=str(folder / "config.json")) from None
+    sd = {va.modern_key(k): v for k, v in _read_component(folder).items()}
+    # 1x1 convolutions in old diffusers files; linear layers today
+    sd = {k: v[:, :, 0, 0] if va.is_attention_matrix(k) and v.ndim == 4 else v for k, v in sd.items()}
+    _assign(vae, sd, dtype, label)
+    return vae
+
+
+def _vae_from_hub(repo: str, dtype, label: str):
+    import warnings
+
+    from diffusers import AutoencoderKL
+
+    errors = []
+    for sub in (None, "vae"):  # a VAE repository, else a model repository's vae/ (as sd-scripts tries)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers' own call
+                return AutoencoderKL.from_pretrained(repo, subfolder=sub, torch_dtype=dtype).eval()
+        except Exception as exc:  # hub errors come as OSError, ValueError, HTTP and offline errors
+            errors.append(f"{type(exc).__name__}: {str(exc)[:120]}")
+    raise UserError(f"could not load the VAE {repo!r} from the Hugging Face Hub or its cache ({errors[-1]})", where=label,
+                    fix=f"Download it where the network is available (`hf download {repo} --local-dir vae`), "
+                        "copy that folder here and pass its path.")
+
+
+def _check_vae_fits(vae, like, label: str) -> None:
+    mine, theirs = dict(vae.config), dict(like.config)
+    if mine["latent_channels"] != theirs["latent_channels"]:
+        raise UserError(f"the VAE makes {mine['latent_channels']}-channel latents; the model's U-Net takes "
+                        f"{theirs['latent_channels']}", where=label, fix="Use a VAE made for Stable Diffusion 1.x/2.x.")
+    if len(mine["block_out_channels"]) != len(theirs["block_out_channels"]):
+        factor = 2 ** (len(mine["block_out_channels"]) - 1)
+        raise UserError(f"the VAE scales images down {factor}x (Stable Diffusion's VAEs: 8x)", where=label,
+                        fix="Use a VAE made for Stable Diffusion 1.x/2.x.")
+    if mine["in_channels"] != 3 or mine["out_channels"] != 3:
+        raise UserError(f"the VAE encodes {mine['in_channels']}-channel images (RGB: 3)", where=label,
+                        fix="Use a VAE made for Stable Diffusion 1.x/2.x.")

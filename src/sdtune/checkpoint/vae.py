@@ -69,3 +69,43 @@ def derive_config(sd: dict, base: dict[str, Any]) -> dict[str, Any]:
         latent_channels=int(sd[p + "post_quant_conv.weight"].shape[0]),
     )
     return config
+
+
+# --------------------------------------------------------------------------------------------- VAE-only files
+
+# diffusers before 0.14 named the mid-block attention's layers like this; VAE folders and files of
+# that time (e.g. stabilityai/sd-vae-ft-mse) still do.
+_OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def modern_key(key: str) -> str:
+    """A diffusers VAE key with the pre-0.14 attention names replaced by today's."""
+    if m := re.fullmatch(r"(.*mid_block\.attentions\.0\.)(query|key|value|proj_attn)\.(weight|bias)", key):
+        return f"{m[1]}{_OLD_ATTENTION[m[2]]}.{m[3]}"
+    return key
+
+
+def original_layout(sd: dict) -> tuple[dict, str] | None:
+    """The VAE tensors of `sd` with original (LDM) names and no prefix, and the layout they came in.
+
+    Accepts a whole SD checkpoint (`first_stage_model.*`), an original-layout VAE file
+    (`encoder.down.0...`, as vae-ft-mse-840000-ema-pruned) or a diffusers-layout one
+    (`encoder.down_blocks.0...`, old attention names included). Tensors of neither encoder nor
+    decoder (a training loss, EMA bookkeeping) are left out. None when `sd` holds no VAE.
+    """
+    if any(k.startswith(PREFIX) for k in sd):
+        return {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)}, "a whole checkpoint's VAE"
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
+        levels = 1 + max((int(m[1]) for k in sd if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))), default=0)
+        shape_only = {"block_out_channels": [0] * levels}
+        out = {}
+        for k, v in sd.items():
+            try:
+                out[to_original_key(modern_key(k), shape_only)] = v
+            except KeyError:
+                continue
+        return out, "diffusers layout"
+    if any(k.startswith(("encoder.down.", "decoder.up.")) for k in sd):
+        return {k: v for k, v in sd.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}, \
+            "original layout"
+    return None

@@ -41,7 +41,7 @@ def run(args) -> int:
         return 0
     if not opts.pretrained_model_name_or_path:
         raise UserError("no model given", where="--pretrained_model_name_or_path",
-                        fix="Pass the checkpoint whose VAE the training will use.")
+                        fix="Pass the checkpoint whose VAE the training will use (and --vae if training uses one).")
     cache_latents(opts)
     return 0
 
@@ -52,15 +52,16 @@ def cache_latents(opts: CacheOptions, *, v2: bool | None = None, recorded_bucket
     the options even where the metadata records buckets (the step that records them)."""
     import torch
 
-    from sdtune.checkpoint import load_model
+    from sdtune.checkpoint import load_model, load_vae
     from sdtune.data.latent_cache import ensure_latent_cache
     from sdtune.data.plan import build_plan
 
     model = load_model(opts.pretrained_model_name_or_path, v2=v2)
+    vae = load_vae(opts.vae, like=model.vae) if opts.vae else model.vae  # the VAE training will encode with
     plan = build_plan(opts, seed=0, default_resolution=model.family.resolution, recorded_buckets=recorded_buckets)
     print(plan.summary(), file=sys.stderr)
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cache = ensure_latent_cache(plan, model.vae, device=device, to_disk=True)
+    cache = ensure_latent_cache(plan, vae, device=device, to_disk=True)
     print(f"latent cache: {cache.reused} reused, {cache.encoded} encoded, "
           f"{len(cache.plan.skipped)} images skipped", file=sys.stderr)
     return cache

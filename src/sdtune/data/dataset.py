@@ -5,6 +5,9 @@ loads it. A batch is a dict:
 
     latent_mean, latent_logvar   (B, C, H/8, W/8) float16   when latents are cached
     images                        (B, 3, H, W) float32 in [-1, 1]   when they are not
+    loss_mask                     (B, 1, H/8, W/8) float32 in [0, 1]   when a subset has alpha_mask
+                                  (from the alpha channel; ones for images without one, or whose
+                                  subset has no alpha_mask), cached or not the same values
     captions, tags                list[str | None]   raw text from the metadata (not processed)
     caption_options               list[dict]   the subset's resolved caption keys, for sdtune.text
     custom_attributes             list[dict | None]
@@ -23,7 +26,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from sdtune.data.images import BadImage, prepare
+from sdtune.data.images import BadImage, prepare_sample
 from sdtune.data.plan import DatasetPlan
 from sdtune.data.sampler import BatchSpec, BucketBatchSampler
 from sdtune.errors import UserError
@@ -40,40 +43,49 @@ class BatchDataset(_Base):
         # Only what a worker needs: disk paths are small; in-memory latents force num_workers=0.
         self.paths = dict(cache.paths) if cache is not None else None
         self.memory = cache.memory if cache is not None else None
+        self.masks = cache.masks if cache is not None else None
         self.strict = plan.options.strict
+        self.masked = any(s.alpha_mask for s in plan.subsets)
 
     def __len__(self) -> int:  # not used by the sampler-driven loader; here for completeness
         return len(self.plan.samples)
 
     def _latents(self, index: int, flip: bool, bucket):
-        from sdtune.data.latent_cache import load_entry
+        """(mean, logvar, mask or None) of one cache entry."""
+        from sdtune.data.latent_cache import load_entry_with_mask
 
         key = (index, flip)
         if self.memory and key in self.memory:
-            return self.memory[key]
+            return (*self.memory[key], self.masks.get(key))
         if key not in self.paths:
             raise ValueError("no latent cache entry (the image failed to encode)")
-        return load_entry(self.paths[key], bucket)
+        return load_entry_with_mask(self.paths[key], bucket)
 
     def __getitem__(self, spec: BatchSpec) -> dict:
         import numpy as np
         import torch
 
         plan = self.plan
-        rows, means, logvars, images = [], [], [], []
+        rows, means, logvars, images, masks = [], [], [], [], []
         cached = self.paths is not None
         for slot, i in enumerate(spec.indices):
             s = plan.samples[i]
             sub = plan.subsets[s.subset]
             try:
                 if cached:
-                    mean, logvar = self._latents(i, spec.flips[slot], spec.bucket)
+                    mean, logvar, mask = self._latents(i, spec.flips[slot], spec.bucket)
+                    if sub.alpha_mask and mask is None:
+                        raise ValueError("the latent cache entry has no alpha mask")
                     means.append(mean)
                     logvars.append(logvar)
                 else:
-                    images.append(prepare(s.path, s.size, s.resized, s.bucket, flip=spec.flips[slot],
-                                          crop_seed=spec.crop_seeds[slot], color_seed=spec.color_seeds[slot],
-                                          interpolation=sub.resize_interpolation))
+                    pixels, mask = prepare_sample(s.path, s.size, s.resized, s.bucket, flip=spec.flips[slot],
+                                                  crop_seed=spec.crop_seeds[slot], color_seed=spec.color_seeds[slot],
+                                                  interpolation=sub.resize_interpolation, alpha_mask=sub.alpha_mask)
+                    images.append(pixels)
+                if self.masked:
+                    masks.append(torch.as_tensor(mask) if sub.alpha_mask else
+                                 torch.ones((spec.bucket[1] // 8, spec.bucket[0] // 8), dtype=torch.float32))
             except (BadImage, OSError, ValueError) as exc:
                 reason = exc.reason if isinstance(exc, BadImage) else str(exc)
                 if self.strict:
@@ -98,6 +110,8 @@ class BatchDataset(_Base):
             batch["latent_logvar"] = torch.stack(logvars)
         elif rows:
             batch["images"] = torch.from_numpy(np.stack(images))
+        if self.masked and rows:
+            batch["loss_mask"] = torch.stack(masks).unsqueeze(1)
         return batch
 
 

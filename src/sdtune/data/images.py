@@ -4,7 +4,8 @@ Every sample, cached or not, goes through `transform_image` (principle "one way 
 latent cache encodes exactly what the uncached path would feed the VAE.
 
 Decoding rules: the EXIF orientation is applied; palette, LA and RGBA images are composited on
-white (the alpha is returned separately for masked training later); CMYK, 16-bit, float and
+white (the alpha is returned separately: with alpha_mask it becomes the loss mask, going through the
+same resize, crop and flip as the pixels); CMYK, 16-bit, float and
 grayscale images become 8-bit RGB. A file PIL cannot read raises `BadImage` with the reason, which
 the callers turn into a warning (or an error under --strict). No torch here.
 """
@@ -167,7 +168,15 @@ def prepare(path: Path | str, size: Size, resized: Size, bucket: Size, *, flip: 
     `image_size` in the metadata), the cover size is recomputed so the output is still the bucket.
     `crop_seed` given means a random crop drawn from it; `color_seed` given means colour augmentation.
     """
-    img, _alpha = load_image(path)
+    return prepare_sample(path, size, resized, bucket, flip=flip, crop_seed=crop_seed, color_seed=color_seed,
+                          interpolation=interpolation)[0]
+
+
+def prepare_sample(path: Path | str, size: Size, resized: Size, bucket: Size, *, flip: bool = False,
+                   crop_seed: int | None = None, color_seed: int | None = None, interpolation: str | None = None,
+                   alpha_mask: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """`prepare`'s pixels and, with `alpha_mask`, the loss mask at latent size (else None)."""
+    img, alpha = load_image(path)
     if img.size != tuple(size):
         resized = cover_size(img.size, bucket)
     offset = None
@@ -176,4 +185,20 @@ def prepare(path: Path | str, size: Size, resized: Size, bucket: Size, *, flip: 
     out = transform_image(img, resized, bucket, crop_offset=offset, flip=flip, interpolation=interpolation)
     if color_seed is not None:
         out = color_augment(out, random.Random(color_seed))
-    return to_array(out)
+    mask = None
+    if alpha_mask:
+        if alpha is None:  # no alpha channel: every pixel counts, as sd-scripts does
+            mask = np.ones((bucket[1] // 8, bucket[0] // 8), dtype=np.float32)
+        else:
+            a = transform_image(Image.fromarray(alpha, "L"), resized, bucket, crop_offset=offset, flip=flip,
+                                interpolation=interpolation)
+            mask = latent_mask(np.asarray(a))
+    return to_array(out), mask
+
+
+def latent_mask(alpha: np.ndarray) -> np.ndarray:
+    """The loss mask of a bucket-sized 8-bit alpha channel: alpha / 255 averaged over each 8x8 block,
+    i.e. at the latents' size (what sd-scripts' area interpolation of the mask to the loss gives)."""
+    h, w = alpha.shape
+    a = alpha.astype(np.float32) / 255.0
+    return np.ascontiguousarray(a.reshape(h // 8, 8, w // 8, 8).mean(axis=(1, 3), dtype=np.float32))

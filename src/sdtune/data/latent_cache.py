@@ -3,7 +3,8 @@
 Content-addressed. An entry's key is a SHA-256 over
 
     cache format version, the image's bytes (SHA-256), its size, bucket, cover size, crop box,
-    flip, resize filter, the VAE's identity (SHA-256 of its weights) and the encoding dtype.
+    flip, resize filter, the VAE's identity (SHA-256 of its weights), the encoding dtype and, for
+    subsets with alpha_mask, that flag (such entries also hold the loss mask).
 
 so a change re-encodes exactly the entries it touches, and the run says why ("image changed",
 "bucket changed", "VAE changed", ...); an unchanged dataset is reused without a VAE call. Hashing
@@ -13,8 +14,10 @@ every image's bytes on every run would be slow, so `index.json` in each cache fo
 Where: `<image folder>/.sdtune-cache/` by default, or `<cache_dir>/<hash of the image folder>/`.
 An entry is `<image name>.<n|f>.<key[:16]>.safetensors` ("f" = the mirrored variant, made when
 flip_aug is on) holding the VAE posterior `mean` and `logvar` (float16, shape (C, H/8, W/8)) and
-its key's parts as metadata. The trainer samples `mean + exp(logvar / 2) * noise` afresh at every
-step and multiplies by `vae.config.scaling_factor` (sd-scripts caches one frozen sample).
+its key's parts as metadata; with alpha_mask also `mask` (float32, (H/8, W/8), made from the alpha
+channel by `images.prepare_sample` as on the uncached path). The trainer samples
+`mean + exp(logvar / 2) * noise` afresh at every step and multiplies by `vae.config.scaling_factor`
+(sd-scripts caches one frozen sample).
 
 Entries are written atomically, one per image, so an interrupted run keeps everything it wrote and
 the next run encodes only the rest. Unless --skip_cache_check, every entry's header (key, shapes,
@@ -40,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.data.buckets import crop_box
-from sdtune.data.images import BadImage, prepare
+from sdtune.data.images import BadImage, prepare_sample
 from sdtune.data.plan import DatasetPlan, Sample
 from sdtune.errors import UserError
 
@@ -49,7 +52,8 @@ CACHE_FOLDER = ".sdtune-cache"
 # The key parts that explain a re-encode, in the order they are reported.
 _REASONS = (("version", "cache format changed"), ("image", "image changed"), ("size", "image size changed"),
             ("bucket", "bucket changed"), ("resized", "resize changed"), ("crop", "crop changed"),
-            ("interpolation", "resize filter changed"), ("vae", "VAE changed"), ("dtype", "dtype changed"))
+            ("interpolation", "resize filter changed"), ("vae", "VAE changed"), ("dtype", "dtype changed"),
+            ("alpha_mask", "alpha mask changed"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,6 +189,7 @@ class LatentCache:
     plan: DatasetPlan
     paths: dict[tuple[int, bool], str] = field(default_factory=dict)
     memory: dict[tuple[int, bool], tuple[Any, Any]] = field(default_factory=dict)
+    masks: dict[tuple[int, bool], Any] = field(default_factory=dict)  # in-memory loss masks (alpha_mask)
     reused: int = 0
     encoded: int = 0
     reasons: Counter = field(default_factory=Counter)
@@ -195,9 +200,12 @@ class LatentCache:
 
 
 def _parts(plan: DatasetPlan, s: Sample, flip: bool, image_sha: str, vae_id: str, dtype: str) -> dict[str, Any]:
-    return {"version": FORMAT_VERSION, "image": image_sha, "size": list(s.size), "bucket": list(s.bucket),
-            "resized": list(s.resized), "crop": list(crop_box(s.resized, s.bucket)), "flip": flip,
-            "interpolation": plan.subsets[s.subset].resize_interpolation, "vae": vae_id, "dtype": dtype}
+    parts = {"version": FORMAT_VERSION, "image": image_sha, "size": list(s.size), "bucket": list(s.bucket),
+             "resized": list(s.resized), "crop": list(crop_box(s.resized, s.bucket)), "flip": flip,
+             "interpolation": plan.subsets[s.subset].resize_interpolation, "vae": vae_id, "dtype": dtype}
+    if plan.subsets[s.subset].alpha_mask:  # only then: the keys of entries without a mask stay as they were
+        parts["alpha_mask"] = True
+    return parts
 
 
 def _key(parts: dict[str, Any]) -> str:
@@ -217,7 +225,7 @@ def _why(prefix_matches: list[Path], parts: dict[str, Any]) -> str:
     return "not cached yet"
 
 
-def _valid(path: Path, key: str, bucket: tuple[int, int]) -> bool:
+def _valid(path: Path, key: str, bucket: tuple[int, int], mask: bool = False) -> bool:
     try:
         header = read_header(path)
     except (OSError, ValueError):
@@ -230,6 +238,8 @@ def _valid(path: Path, key: str, bucket: tuple[int, int]) -> bool:
         info = header.get(name)
         if not info or info.get("dtype") != "F16" or len(info["shape"]) != 3 or info["shape"][1:] != shape:
             return False
+    if mask and (header.get("mask") or {}).get("shape") != shape:
+        return False
     return header["mean"]["shape"] == header["logvar"]["shape"]
 
 
@@ -262,7 +272,7 @@ def _plan_entries(plan: DatasetPlan, vae_id: str, dtype: str, to_disk: bool, has
         others = [p for p in folder.glob(f"{_glob_escape(name)}.{variant}.*.safetensors") if p != path] \
             if folder.is_dir() else []
         if path.is_file():
-            if not check or _valid(path, key, s.bucket):
+            if not check or _valid(path, key, s.bucket, "alpha_mask" in parts):
                 reuse.append(Entry(s.index, flip, parts, key, path, old=others))
                 continue
             todo.append(Entry(s.index, flip, parts, key, path, "corrupt entry", others))
@@ -361,8 +371,9 @@ def _encode(plan, vae, todo: list[Entry], cache: LatentCache, failures: dict[int
     def decode(e: Entry):
         s = plan.samples[e.sample]
         try:
-            return prepare(s.path, s.size, s.resized, s.bucket, flip=e.flip,
-                           interpolation=plan.subsets[s.subset].resize_interpolation)
+            return prepare_sample(s.path, s.size, s.resized, s.bucket, flip=e.flip,
+                                  interpolation=plan.subsets[s.subset].resize_interpolation,
+                                  alpha_mask="alpha_mask" in e.parts)
         except BadImage as exc:
             return exc
 
@@ -391,7 +402,7 @@ def _encode(plan, vae, todo: list[Entry], cache: LatentCache, failures: dict[int
                 failures[e.sample] = arr.reason
                 bar.update(1)
                 continue
-            if pending and (pending[0][1].shape != arr.shape or len(pending) >= batch_size):
+            if pending and (pending[0][1][0].shape != arr[0].shape or len(pending) >= batch_size):
                 written += _encode_batch(encoder, pending, cache, device, dtype)
                 bar.update(len(pending))
                 pending = []
@@ -417,7 +428,7 @@ def _encode_batch(encoder, items: list[tuple[Entry, Any]], cache: LatentCache, d
     import numpy as np
     import torch
 
-    x = torch.from_numpy(np.stack([a for _e, a in items])).to(device=device, dtype=dtype)
+    x = torch.from_numpy(np.stack([a for _e, (a, _m) in items])).to(device=device, dtype=dtype)
     with torch.no_grad():
         dist = encoder.encode(x).latent_dist
         mean, logvar = dist.mean.float(), dist.logvar.float()
@@ -425,35 +436,47 @@ def _encode_batch(encoder, items: list[tuple[Entry, Any]], cache: LatentCache, d
         hint = "Run the VAE in float32 with --no_half_vae." if dtype == torch.float16 else "Check the VAE weights."
         raise UserError("the VAE produced NaN/inf latents", where=f"sample {items[0][0].sample}", fix=hint)
     mean, logvar = mean.to("cpu", torch.float16), logvar.to("cpu", torch.float16)
-    for k, (e, _a) in enumerate(items):
+    for k, (e, (_a, mask)) in enumerate(items):
         m, lv = mean[k].clone(), logvar[k].clone()
+        mask = torch.from_numpy(mask) if mask is not None else None
         if e.path is None:
             cache.memory[(e.sample, e.flip)] = (m, lv)
+            if mask is not None:
+                cache.masks[(e.sample, e.flip)] = mask
             continue
-        _write_entry(e, m, lv)
+        _write_entry(e, m, lv, mask)
         cache.paths[(e.sample, e.flip)] = str(e.path)
         _delete(e.old)
     return len(items)
 
 
-def _write_entry(e: Entry, mean, logvar) -> None:
+def _write_entry(e: Entry, mean, logvar, mask=None) -> None:
     from safetensors.torch import save
 
     e.path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"sdtune_key": e.key, "sdtune_cache": json.dumps(e.parts, sort_keys=True), "format": "pt"}
-    _atomic_write(e.path, save({"mean": mean.contiguous(), "logvar": logvar.contiguous()}, metadata=meta))
+    tensors = {"mean": mean.contiguous(), "logvar": logvar.contiguous()}
+    if mask is not None:
+        tensors["mask"] = mask.contiguous()
+    _atomic_write(e.path, save(tensors, metadata=meta))
 
 
 def load_entry(path: str, bucket: tuple[int, int]):
     """(mean, logvar) float16 tensors of one entry, shape-checked against the bucket."""
+    return load_entry_with_mask(path, bucket)[:2]
+
+
+def load_entry_with_mask(path: str, bucket: tuple[int, int]):
+    """`load_entry` plus the entry's float32 loss mask (None when it has none)."""
     from safetensors.torch import load_file
 
     tensors = load_file(path)
-    mean, logvar = tensors.get("mean"), tensors.get("logvar")
+    mean, logvar, mask = tensors.get("mean"), tensors.get("logvar"), tensors.get("mask")
     expected = (bucket[1] // 8, bucket[0] // 8)
-    if mean is None or logvar is None or tuple(mean.shape[1:]) != expected or mean.shape != logvar.shape:
+    if mean is None or logvar is None or tuple(mean.shape[1:]) != expected or mean.shape != logvar.shape or \
+            (mask is not None and tuple(mask.shape) != expected):
         raise ValueError(f"latent cache entry does not match bucket {bucket[0]}x{bucket[1]}")
-    return mean, logvar
+    return mean, logvar, mask
 
 
 def sample_latents(mean, logvar, generator=None):

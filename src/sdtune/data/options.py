@@ -86,6 +86,8 @@ class DatasetOptions(Options):
     token_warmup_step: float = Field(0, "steps (or a fraction < 1 of the run) of the token warm-up", group=G_CAPTION, ge=0)
 
     flip_aug: bool = Field(False, "random horizontal flips", group=G_AUG)
+    alpha_mask: bool = Field(False, "masked loss: weight the loss by each image's alpha channel (transparent areas "
+                             "are not learned; images without alpha count in full)", group=G_AUG)
     color_aug: bool = Field(False, "random hue / gamma shifts (not with latent caching)", group=G_AUG)
     random_crop: bool = Field(False, "random instead of centre crops (not with latent caching)", group=G_AUG)
     face_crop_aug_range: str | None = Field(None, "not supported by sdtune", group=G_AUG)
@@ -96,6 +98,9 @@ class DatasetOptions(Options):
                                         "--cache_latents)", group=G_CACHE)
     cache_dir: str | None = Field(None, "where disk caches go (default: a .sdtune-cache folder beside each "
                                   "subset's images)", group=G_CACHE, metavar="DIR")
+    vae: str | None = Field(None, "a separate VAE (.safetensors/.ckpt file, Diffusers folder or hub id) that encodes "
+                            "the images and samples and is saved in the trained model in place of the model's own",
+                            group="Model", metavar="PATH")
     vae_batch_size: int = Field(4, "images per VAE call when caching", group=G_CACHE, ge=1)
     no_half_vae: bool = Field(False, "run the VAE in float32 (default: float16 on GPU; CPU always uses float32)",
                               group=G_CACHE)

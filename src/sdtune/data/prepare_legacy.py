@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images in subfolders (sdtune follows the metadata keys, sub/folder/stem included)")
     parser.add_argument("--skip_existing", action="store_true",
                         help="keep latents already cached (sdtune always reuses entries that are up to date)")
-    parser.add_argument("--alpha_mask", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--alpha_mask", action="store_true",
+                        help="also cache each image's alpha channel as its loss mask (train with --alpha_mask)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,9 +55,6 @@ def run(args: argparse.Namespace) -> int:
     from sdtune.data.command import CacheOptions
     from sdtune.data.metadata import read_metadata, resolve_key
 
-    if args.alpha_mask not in (None, False, "", "false", "False"):
-        raise UserError("alpha masks are not supported for fine-tuning", where="--alpha_mask",
-                        fix="Drop --alpha_mask; transparent areas are composited on white.")
     if args.mixed_precision == "bf16":
         raise UserError("the latent cache is encoded in float16 (the precision training reads it with) or float32",
                         where="--mixed_precision bf16", fix="Use --mixed_precision fp16, or no for float32.")
@@ -74,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
               "no_half_vae": args.mixed_precision == "no", "pretrained_model_name_or_path": args.model_name_or_path}
     if args.max_data_loader_n_workers is not None:
         values["max_data_loader_n_workers"] = args.max_data_loader_n_workers
+    if args.alpha_mask:  # the entries hold the masks; training must ask for them to reuse the entries
+        values["alpha_mask"] = True
+        bucket_flags.append("--alpha_mask")
     opts = parse_options(CacheOptions, values)  # the options' own checks, as one-line errors
     meta = read_metadata(args.in_json)  # before the long part: a bad file fails at once
 

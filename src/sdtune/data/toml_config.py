@@ -10,8 +10,8 @@ default), in that order; a dataset key in the dataset, [general], the command li
 --train_data_dir make one dataset with one subset (spec §3.4).
 
 Every error names the file, the table (e.g. `datasets[0].subsets[1]`) and the key. Keys sd-scripts
-parses but that have no meaning or no implementation here (alpha_mask = true, face_crop_aug_range,
-network_multiplier != 1) are refused instead of ignored. No torch.
+parses but that have no meaning or no implementation here (face_crop_aug_range, network_multiplier
+!= 1) are refused instead of ignored. No torch.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ class SubsetSpec:
     where: str = ""
     # sdtune's key: every image of the subset is held out for the validation loss, none is trained on
     is_validation: bool = False
+    # the loss is weighted by the image's alpha channel (masked loss)
+    alpha_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,9 +139,6 @@ def _check_table(table: dict, allowed: dict[str, str], where: str, level: str) -
 
 
 def _refuse_unsupported(values: dict[str, Any], where: str) -> None:
-    if values.get("alpha_mask"):
-        raise UserError("alpha_mask = true is not supported (full fine-tuning has no masked loss)",
-                        where=f"{where}.alpha_mask", fix="Remove it; transparent areas are composited on white.")
     if values.get("face_crop_aug_range") is not None:
         raise UserError("face crop augmentation is not supported", where=f"{where}.face_crop_aug_range",
                         fix="Remove it.")
@@ -282,7 +281,8 @@ def dataset_specs(options: DatasetOptions, *, default_resolution: int | Size | N
                 random_crop=bool(_lookup("random_crop", s_tables, options)),
                 resize_interpolation=_lookup("resize_interpolation", s_tables, options),
                 caption_options=caption, custom_attributes=_lookup("custom_attributes", s_tables, options),
-                where=s_where, is_validation=bool(subset.get("is_validation", False))))
+                where=s_where, is_validation=bool(subset.get("is_validation", False)),
+                alpha_mask=bool(_lookup("alpha_mask", s_tables, options))))
             subset_index += 1
         if not subset_specs:
             raise UserError("every subset of this dataset was skipped", where=d_where)

@@ -32,7 +32,7 @@ class TrainResult:
 def train(opts: TrainOptions) -> TrainResult:
     import torch
 
-    from sdtune.checkpoint import build_modelspec
+    from sdtune.checkpoint import build_modelspec, load_vae
     from sdtune.console import quiet_libraries
     from sdtune.data import BucketBatchSampler, ensure_latent_cache, make_loader, sample_latents
     from sdtune.text import CaptionOptions, TextConditioner, build_caption, process_caption
@@ -65,6 +65,9 @@ def train(opts: TrainOptions) -> TrainResult:
 
     # --- data first (cheap, and the likelier mistakes), then the model: float32 master weights
     model, plan = _model_and_plan(opts, seed, torch.float32, main)
+    if opts.vae:  # as sd-scripts: it caches, encodes, samples and is saved in place of the model's own
+        model = _replace(model, vae=load_vae(opts.vae, like=model.vae, dtype=torch.float32))
+        note(f"vae: {opts.vae} (for the latents, the samples and the saved model)")
     plan, held_out = validation.split_plan(plan, opts.validation_split, opts.effective_validation_seed)
     validation.check_options(opts, held_out)
     plan.check_fill(world, accum)
@@ -290,7 +293,8 @@ def train(opts: TrainOptions) -> TrainResult:
                     noise, timesteps, noisy = objective.noise_batch(latents, gen)
                     with accelerator.autocast(), mem_eff_context(opts):
                         pred = unet(noisy, timesteps, cond).sample
-                    loss = objective.loss(pred.float(), objective.target(latents, noise, timesteps).float(), timesteps)
+                    loss = objective.loss(pred.float(), objective.target(latents, noise, timesteps).float(), timesteps,
+                                          batch.get("loss_mask"))
                     if not torch.isfinite(loss):
                         progress.close()  # the error goes on a line of its own
                         raise diverged(global_step + 1, loss.item(), opts)

@@ -335,6 +335,20 @@ def elementwise_loss(pred: "torch.Tensor", tgt: "torch.Tensor", cfg: LossConfig,
     return 2 * c * pseudo if cfg.loss_type == "huber" else 2 * pseudo
 
 
+def apply_mask(loss: "torch.Tensor", mask: "torch.Tensor") -> "torch.Tensor":
+    """The element-wise loss times the mask, area-resized to the loss's size when it differs (sd-scripts'
+    masked loss). The mean over the elements comes after, so a half-transparent image counts half:
+    transparent latents contribute neither loss nor gradient."""
+    import torch.nn.functional as F
+
+    mask = mask.to(loss.device, loss.dtype)
+    if mask.dim() == loss.dim() - 1:
+        mask = mask.unsqueeze(1)
+    if mask.shape[-2:] != loss.shape[-2:]:
+        mask = F.interpolate(mask, size=loss.shape[-2:], mode="area")
+    return loss * mask
+
+
 def loss_weights(snr_t: "torch.Tensor", cfg: LossConfig, snr_floor: float = 0.0) -> "torch.Tensor | None":
     """Per-sample weights in sd-scripts' order (min-SNR, v-pred scale, v-pred-like term, debiased); None if unweighted.
 
@@ -404,15 +418,19 @@ class DiffusionObjective:
     def target(self, latents: "torch.Tensor", noise: "torch.Tensor", timesteps: "torch.Tensor") -> "torch.Tensor":
         return target(self.scheduler, latents, noise, timesteps, self.prediction_type)
 
-    def per_sample_loss(self, pred: "torch.Tensor", tgt: "torch.Tensor", timesteps: "torch.Tensor") -> "torch.Tensor":
-        """The weighted loss of each sample, shape (batch,), float32."""
+    def per_sample_loss(self, pred: "torch.Tensor", tgt: "torch.Tensor", timesteps: "torch.Tensor",
+                        mask: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """The weighted loss of each sample, shape (batch,), float32; `mask` weights its elements (alpha_mask)."""
         cfg = self.loss_cfg
         c = huber_c(timesteps, self.snr, cfg, self.num_train_timesteps) if cfg.loss_type in ("huber", "smooth_l1") else None
         loss = elementwise_loss(pred, tgt, cfg, c)
+        if mask is not None:
+            loss = apply_mask(loss, mask)
         loss = loss.mean(dim=tuple(range(1, loss.dim())))
         w = loss_weights(self.snr[timesteps.detach().to("cpu")], cfg, self.snr_floor)
         return loss if w is None else loss * w.to(loss.device)
 
-    def loss(self, pred: "torch.Tensor", tgt: "torch.Tensor", timesteps: "torch.Tensor") -> "torch.Tensor":
+    def loss(self, pred: "torch.Tensor", tgt: "torch.Tensor", timesteps: "torch.Tensor",
+             mask: "torch.Tensor | None" = None) -> "torch.Tensor":
         """The batch loss: the mean of the weighted per-sample losses."""
-        return self.per_sample_loss(pred, tgt, timesteps).mean()
+        return self.per_sample_loss(pred, tgt, timesteps, mask).mean()

@@ -38,7 +38,7 @@ PLANNED: dict[str, str] = {
         "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "lr_scheduler_timescale",
         "lr_scheduler_min_lr_ratio", "save_n_epoch_ratio",
         "torch_compile", "dynamo_backend", "ddp_timeout",
-        "ddp_gradient_as_bucket_view", "ddp_static_graph", "vae", "output_config", "alpha_mask",
+        "ddp_gradient_as_bucket_view", "ddp_static_graph", "output_config",
         "fp16_master_weights_and_gradients",
     )
 }

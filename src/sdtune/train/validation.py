@@ -118,6 +118,7 @@ class Validator:
         self.captions = [[fixed_caption(s.caption, s.tags, options[s.subset], seed, s.index) for s in b]
                          for b in self.batches]
         self.latents: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor | None] = []  # per batch: the loss masks when a subset has alpha_mask
         self.cond: list[torch.Tensor] | None = None
 
     @property
@@ -134,16 +135,21 @@ class Validator:
         import torch
         from tqdm import tqdm
 
-        from sdtune.data.images import BadImage, prepare
+        from sdtune.data.images import BadImage, prepare_sample
 
+        masked = any(s.alpha_mask for s in self.plan.subsets)
         kept_batches, kept_captions = [], []
         for batch, captions in tqdm(list(zip(self.batches, self.captions)), desc="encoding validation images",
                                     unit="batch", leave=False, disable=not progress or len(self.batches) < 4):
-            pixels, rows = [], []
+            pixels, rows, masks = [], [], []
             for s, caption in zip(batch, captions):
+                sub = self.plan.subsets[s.subset]
                 try:
-                    pixels.append(prepare(s.path, s.size, s.resized, s.bucket,
-                                          interpolation=self.plan.subsets[s.subset].resize_interpolation))
+                    x, mask = prepare_sample(s.path, s.size, s.resized, s.bucket, interpolation=sub.resize_interpolation,
+                                             alpha_mask=sub.alpha_mask)
+                    pixels.append(x)
+                    masks.append(torch.from_numpy(mask) if mask is not None else
+                                 torch.ones((s.bucket[1] // 8, s.bucket[0] // 8), dtype=torch.float32))
                     rows.append((s, caption))
                 except (BadImage, OSError, ValueError) as exc:
                     reason = exc.reason if isinstance(exc, BadImage) else str(exc)
@@ -156,6 +162,7 @@ class Validator:
             with torch.no_grad():
                 x = torch.from_numpy(np.stack(pixels)).to(device, vae.dtype)
                 self.latents.append((vae.encode(x).latent_dist.mean.float() * scaling).cpu())
+            self.masks.append(torch.stack(masks).unsqueeze(1) if masked else None)
             kept_batches.append([s for s, _c in rows])
             kept_captions.append([c for _s, c in rows])
         self.batches, self.captions = kept_batches, kept_captions
@@ -201,7 +208,7 @@ class Validator:
         total, count = 0.0, 0
         try:
             with torch.no_grad():
-                for b, (batch, latents) in enumerate(zip(self.batches, self.latents)):
+                for b, (batch, latents, mask) in enumerate(zip(self.batches, self.latents, self.masks)):
                     latents = latents.to(device)
                     with autocast():
                         cond = self.cond[b].to(device) if self.cond is not None else encode(self.captions[b])
@@ -212,7 +219,8 @@ class Validator:
                         noisy = objective.scheduler.add_noise(latents, noise, ts)
                         with autocast():
                             pred = unet(noisy, ts, cond).sample
-                        per_image = objective.per_sample_loss(pred.float(), objective.target(latents, noise, ts).float(), ts)
+                        per_image = objective.per_sample_loss(pred.float(), objective.target(latents, noise, ts).float(), ts,
+                                                              mask)
                         total += float(per_image.double().sum())
                         count += len(batch)
         finally:
