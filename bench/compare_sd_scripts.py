@@ -287,14 +287,17 @@ def _compare_buckets(report, inp, kohya):
             report.ok(what, "same bucket and resize for every size")
         elif case["mode"] == "upscale":
             # every disagreement must be sdtune picking the log-closer bucket
+            def log_error(bucket, size):
+                return abs(math.log(bucket[0] / bucket[1] * size[1] / size[0]))
+
             worse = [i for i, t in enumerate(theirs) if i not in same_bucket and
-                     abs(math.log(case["sdtune_buckets"][i][0] / case["sdtune_buckets"][i][1] * case["sizes"][i][1] / case["sizes"][i][0]))
-                     > abs(math.log(t[0][0] / t[0][1] * case["sizes"][i][1] / case["sizes"][i][0])) + 1e-12]
+                     log_error(case["sdtune_buckets"][i], case["sizes"][i]) > log_error(t[0], case["sizes"][i]) + 1e-12]
             if worse:
                 report.bad(what, f"{len(worse)} sizes where sdtune's bucket is not log-closer")
             else:
                 report.expected(what + f": same bucket for {len(same_bucket)}", "bucket_choice",
-                                f"{len(theirs) - len(same_bucket)} log-closer; resize equal to sd-scripts' for every chosen bucket")
+                                f"{len(theirs) - len(same_bucket)} log-closer; resize equal to sd-scripts' "
+                                "for every chosen bucket")
         else:
             report.bad(what, f"{len(theirs) - len(same_bucket)} sizes in another bucket")
     crops_ok = all(list(crop_box(tuple(r), tuple(b))[:2]) == c[:2] and c[2] == [b[1], b[0]]
@@ -368,8 +371,9 @@ def main(argv=None) -> int:
     tensors: dict[str, torch.Tensor] = {}
     encoders, configs = {}, {}
     for family in ("sd1", "sd2"):
-        cfg = {k: v for k, v in tiny_config(FAMILIES[family], "text_encoder").items() if k not in ("architectures", "model_type")}
-        cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "transformers_version"}
+        cfg = tiny_config(FAMILIES[family], "text_encoder")
+        cfg = {k: v for k, v in cfg.items()
+               if not k.startswith("_") and k not in ("architectures", "model_type", "transformers_version")}
         configs[family] = cfg
         encoders[family] = CLIPTextModel(CLIPTextConfig(**cfg)).eval()
         for k, v in encoders[family].state_dict().items():

@@ -20,6 +20,8 @@ import functools
 import json
 import re
 
+from sdtune.errors import UserError
+
 __all__ = ["clean_caption", "clip_bpe", "CLEANING"]
 
 # Part of the text-embedding cache key: a change of the cleaning must re-encode cached captions.
@@ -43,15 +45,19 @@ def clean_caption(text: str) -> str:
 
 def _vocab_and_merges(tokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The BPE table of a CLIP tokenizer, fast (`backend_tokenizer`) or Python (transformers 4)."""
+    not_clip = UserError(f"{type(tokenizer).__name__} is not a CLIP BPE tokenizer", where="tokenizer",
+                         fix="Use the model's CLIP tokenizer (vocab.json and merges.txt).")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         model = json.loads(backend.to_str())["model"]
+        if model.get("type") != "BPE" or "merges" not in model:
+            raise not_clip
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         return dict(model["vocab"]), merges
     ranks = getattr(tokenizer, "bpe_ranks", None)
     encoder = getattr(tokenizer, "encoder", None)
     if ranks is None or encoder is None:
-        raise TypeError(f"{type(tokenizer).__name__} is not a CLIP BPE tokenizer")
+        raise not_clip
     return dict(encoder), [pair for pair, _ in sorted(ranks.items(), key=lambda item: item[1])]
 
 
