@@ -71,6 +71,11 @@ def clip_bpe(tokenizer, special: list[str]):
     """
     from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
 
+    try:
+        import ftfy  # noqa: F401  (used by clean_caption; checked here so a missing install fails early)
+    except ImportError:
+        raise UserError("the ftfy package is not installed; sdtune needs it to clean captions as CLIP does",
+                        where="text cleaning", fix="pip install ftfy (it is one of sdtune's dependencies).") from None
     vocab, merges = _vocab_and_merges(tokenizer)
     unk = tokenizer.unk_token
     bpe = models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
