@@ -129,3 +129,33 @@ def test_transform_resize_matches_resize_then_crop():
     mean = arr.reshape(64, 2, 128, 2, 3).mean(axis=(1, 3))
     expected = np.floor(mean[:, 32:96] + 0.5)
     assert np.abs(out - expected).max() <= 1
+
+
+# sd-scripts covers a bucket with `scale = bucket side / image side` (a float) and
+# `int(other side * scale + 0.5)`. Expected sizes below are that expression worked by hand:
+# 1366 * (576 / 768) = 1366 * 0.75 = 1024.5 -> 1025 (round() would give 1024, halves to even);
+# 1025 * (512 / 1024) = 512.5 -> 513 (round(): 512).
+@pytest.mark.parametrize("resolution,size,bucket,resized", [
+    (768, (1366, 768), (1024, 576), (1025, 576)),
+    (768, (768, 1366), (576, 1024), (576, 1025)),
+    (768, (2732, 1536), (1024, 576), (1025, 576)),
+])
+def test_cover_rounds_halves_up_like_sd_scripts(resolution, size, bucket, resized):
+    rule = BucketRule((resolution, resolution), enable_bucket=True, max_size=1024)
+    assert rule.assign(size) == (bucket, resized)
+    # the crop then keeps columns 0..1023 (1 spare pixel, floor(1/2) = 0 on the left), as sd-scripts' trim
+    assert crop_box(resized, bucket) == (0, 0, bucket[0], bucket[1])
+
+
+@pytest.mark.parametrize("size,resized", [((1025, 1024), (513, 512)), ((1024, 1025), (512, 513)),
+                                          ((1366, 768), (911, 512))])
+def test_non_bucketed_cover_rounds_halves_up(size, resized):
+    assert BucketRule((512, 512), enable_bucket=False).assign(size) == ((512, 512), resized)
+
+
+def test_cover_uses_the_float_scale_as_sd_scripts():
+    # 1357 * 832 / 2944 is exactly 383.5, but sd-scripts multiplies by the float 832 / 2944, which is
+    # just below 0.28261 (the nearest double is smaller than the fraction), giving 383.49999999999994
+    # and so 383. Exact arithmetic (or round()) would give 384; the crop would then differ by a column.
+    assert cover_size((1357, 2944), (320, 832)) == (383, 832)
+    assert cover_size((2944, 1357), (832, 320)) == (832, 383)

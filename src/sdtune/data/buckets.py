@@ -10,7 +10,8 @@ Pure arithmetic (no PIL, no torch) so it is cheap to test and to run for `--dry_
   than a 1:2 image from 1:2.2); the log makes wide and tall images symmetric.
 * With `bucket_no_upscale` every image keeps its size (or shrinks to the area budget) and its bucket
   is its size rounded down to the step, as in sd-scripts.
-* `geometry` gives the cover-resize size and the crop box for a bucket.
+* `cover_size` gives the resize that covers a bucket and `crop_box` the crop. Sizes are rounded as
+  sd-scripts rounds them, `int(x + 0.5)` (halves up), so the same image is cropped the same way.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def no_upscale_bucket(size: Size, max_area: int, step: int) -> tuple[Size, Size]
         ideal_h = max_area / ideal_w
 
         def to_step(x: float) -> int:
-            return int(x + 0.5) // step * step
+            return round_half_up(x) // step * step
 
         bw_w = to_step(ideal_w)
         bh_w = to_step(bw_w / aspect)
@@ -74,22 +75,32 @@ def no_upscale_bucket(size: Size, max_area: int, step: int) -> tuple[Size, Size]
         err_w = abs(bw_w / bh_w - aspect) if bh_w else math.inf
         err_h = abs(bw_h / bh_h - aspect) if bh_h else math.inf
         if err_w < err_h:
-            resized = (bw_w, int(bw_w / aspect + 0.5))
+            resized = (bw_w, round_half_up(bw_w / aspect))
         else:
-            resized = (int(bh_h * aspect + 0.5), bh_h)
+            resized = (round_half_up(bh_h * aspect), bh_h)
     else:
         resized = (w, h)
     bucket = (resized[0] // step * step, resized[1] // step * step)
     return bucket, resized
 
 
+def round_half_up(x: float) -> int:
+    """sd-scripts' rounding of sizes, `int(x + 0.5)`: halves go up (Python's round() goes to even)."""
+    return int(x + 0.5)
+
+
 def cover_size(size: Size, bucket: Size) -> Size:
-    """The smallest size of the image's aspect that covers the bucket (one side exact)."""
+    """The size of the image's aspect that covers the bucket, one side exact, as sd-scripts computes it.
+
+    The scale is a float and the other side `int(side * scale + 0.5)`, the same expression as
+    sd-scripts, so a side landing on .5 (1366x768 to cover 1024x576: 1024.5) rounds up to 1025
+    there and here, and the crop takes the same pixels.
+    """
     w, h = size
     bw, bh = bucket
-    if w * bh >= h * bw:  # relatively wider than the bucket: heights match, width overflows
-        return max(bw, round(w * bh / h)), bh
-    return bw, max(bh, round(h * bw / w))
+    if w * bh > h * bw:  # relatively wider than the bucket: heights match, width overflows
+        return max(bw, round_half_up(w * (bh / h))), bh
+    return bw, max(bh, round_half_up(h * (bw / w)))
 
 
 @dataclass(frozen=True)

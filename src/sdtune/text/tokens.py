@@ -7,8 +7,11 @@ content tokens is cut into n chunks of 75, and each chunk is wrapped as
 
 SD1's pad token is EOS itself (49407), so an SD1 chunk reads BOS c… EOS EOS…; SD2's is "!" (0), so
 an SD2 chunk reads BOS c… EOS 0 0…, and an empty chunk BOS EOS 0…. These are the exact rows that
-sd-scripts' `_get_input_ids` produces (reference spec §6.2), so models trained with sd-scripts see
+sd-scripts' `_get_input_ids` produces, so models trained with sd-scripts see
 the same conditioning here. Tokens beyond 75·n are cut and counted (`TokenBatch.lengths`).
+
+Content ids come from `sdtune.text.clean`: the caption is cleaned as CLIP cleans it (ftfy, whitespace,
+lower case) and encoded with the tokenizer's BPE table, whatever transformers version is installed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from sdtune.errors import UserError
 from sdtune.families import Family
+from sdtune.text.clean import CLEANING, clean_caption, clip_bpe
 from sdtune.text.weighting import parse_weights
 
 if TYPE_CHECKING:
@@ -87,34 +91,6 @@ class TokenBatch:
         return TokenBatch(torch.cat([b.ids for b in batches]), weights, [n for b in batches for n in b.lengths])
 
 
-def _content_backend(tokenizer):
-    """A copy of the fast tokenizer in which only BOS/EOS are special, or None if that is already so.
-
-    SD2's tokenizer (like the HF one published with SD2) registers the pad token "!" as a special
-    token, so a literal "!" in a caption would become id 0 — the padding — where OpenCLIP's tokenizer,
-    which SD2 was trained with, gives "!</w>" = 256. Padding is our job (the chunk layout), so content
-    is encoded by a backend without that special token.
-    """
-    import json
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    keep = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token}
-    if backend is None:
-        return None
-    spec = json.loads(backend.to_str())
-    added = spec.get("added_tokens", [])
-    if all(t["content"] in keep for t in added):
-        return None
-    from tokenizers import Tokenizer
-
-    spec["added_tokens"] = [t for t in added if t["content"] in keep]
-    # The HF wrapper leaves its last call's padding/truncation settings in the backend; content
-    # must be neither padded nor cut here (the chunk layout does both).
-    spec["padding"] = None
-    spec["truncation"] = None
-    return Tokenizer.from_str(json.dumps(spec))
-
-
 class ChunkedTokenizer:
     """Prompts -> `TokenBatch`, following the family's padding. No model needed (picklable for workers)."""
 
@@ -140,7 +116,11 @@ class ChunkedTokenizer:
         if getattr(tokenizer, "model_max_length", WINDOW) < WINDOW:
             raise UserError(f"tokenizer model_max_length is {tokenizer.model_max_length}, CLIP needs {WINDOW}",
                             where="tokenizer")
-        self._content_backend = _content_backend(tokenizer)
+        # Content ids come from our own cleaning and BPE, never from the wrapper's pipeline: the
+        # wrapper cleans differently in transformers 4 and 5, and SD2's tokenizer registers its pad
+        # "!" as a special token, so a literal "!" would become the padding id 0 where OpenCLIP's
+        # tokenizer, which SD2 was trained with, gives "!</w>" = 256. Padding is the chunk layout's job.
+        self._content_backend = clip_bpe(tokenizer, [tokenizer.bos_token, tokenizer.eos_token])
 
     @property
     def sequence_length(self) -> int:
@@ -203,10 +183,8 @@ class ChunkedTokenizer:
     def _ids(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
-        if self._content_backend is not None:
-            return [e.ids for e in self._content_backend.encode_batch(texts, add_special_tokens=False)]
-        # verbose=False: long prompts are expected here; we count them ourselves.
-        return self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        cleaned = [clean_caption(t) for t in texts]
+        return [e.ids for e in self._content_backend.encode_batch(cleaned, add_special_tokens=False)]
 
     def __call__(self, prompts: Sequence[str]) -> TokenBatch:
         import torch
@@ -237,4 +215,4 @@ class ChunkedTokenizer:
         """What, besides the vocabulary, decides the ids of a prompt (for cache keys)."""
         return {"max_token_length": self.max_token_length, "weighted": self.weighted, "bos": self.bos,
                 "eos": self.eos, "pad": self.pad, "family_pad": self.family.pad_token, "layout": "bos-content-eos-pad",
-                "break": self.weighted}
+                "break": self.weighted, "clean": CLEANING}
