@@ -23,7 +23,6 @@ def _rss_mb() -> float:
 
 def make(path: Path, precision: str) -> dict:
     import torch
-    from accelerate import init_empty_weights
 
     from sdtune.checkpoint import load as ld
     from sdtune.checkpoint import save_model

@@ -195,8 +195,18 @@ def test_prepare_buckets_latents_alpha_mask_caches_the_masks(data, capsys):
                  str(model), "--max_resolution", "64,64", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
                  "--bucket_reso_steps", "32", "--max_data_loader_n_workers", "0", "--alpha_mask"])
     assert code == 0
-    line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("train with the cached latents"))
-    assert " --alpha_mask" in line
+    # the record makes training use the masks (and so find these entries) without a flag
+    import json
+
+    from sdtune.data.options import DatasetOptions
+    from sdtune.data.prepared import apply_prepared
+
+    lat = json.loads((tmp_path / "lat.json").read_text())
+    assert all(v["sdtune_latents"]["alpha_mask"] is True for v in lat.values())
+    opts, notes = apply_prepared(DatasetOptions(in_json=str(tmp_path / "lat.json"), train_data_dir=str(tmp_path / "img")),
+                                 default_resolution=512)
+    assert opts.alpha_mask and opts.cache_latents_to_disk
+    assert "alpha_mask on" in notes[0]
     cache = tmp_path / "img" / ".sdtune-cache"
     entries = {p.name.split(".png.")[0]: load_file(str(p)) for p in cache.glob("*.safetensors")}
     assert sorted(entries) == ["a", "b", "c"]

@@ -1,6 +1,5 @@
 """Latent cache: what is re-encoded when something changes, resume after an interruption, entries."""
 
-import json
 import os
 
 import numpy as np

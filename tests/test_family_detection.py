@@ -1,6 +1,5 @@
 """One family detector for --dry_run and loading, clear words at its edges, and the SD2 forward probe."""
 
-import json
 import re
 from pathlib import Path
 

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from sdtune.errors import UserError

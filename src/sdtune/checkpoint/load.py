@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from sdtune.errors import UserError
 from sdtune.families import Family
@@ -297,7 +296,7 @@ def load_vae(path_or_id, *, like, dtype=None, where: str = "--vae"):
         vae = _vae_from_file(path, dict(like.config), dtype, label)
     elif path.is_dir():
         vae = _vae_from_folder(path, dtype, label)
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_id)) and path.suffix not in (".safetensors", ".ckpt"):
+    elif is_hub_id(str(path_or_id)):
         vae = _vae_from_hub(str(path_or_id), dtype, label)
     else:
         raise UserError("VAE not found", where=label,

@@ -365,7 +365,6 @@ def _encoder(vae, device, dtype):
 
 def _encode(plan, vae, todo: list[Entry], cache: LatentCache, failures: dict[int, str], *, device, dtype,
             batch_size, workers, log, progress) -> None:
-    import torch
     from tqdm import tqdm
 
     def decode(e: Entry):

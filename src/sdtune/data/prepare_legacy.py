@@ -72,9 +72,8 @@ def run(args: argparse.Namespace) -> int:
               "no_half_vae": args.mixed_precision == "no", "pretrained_model_name_or_path": args.model_name_or_path}
     if args.max_data_loader_n_workers is not None:
         values["max_data_loader_n_workers"] = args.max_data_loader_n_workers
-    if args.alpha_mask:  # the entries hold the masks; training must ask for them to reuse the entries
+    if args.alpha_mask:  # the entries hold the masks; recorded below, so that training asks for them too
         values["alpha_mask"] = True
-        bucket_flags.append("--alpha_mask")
     opts = parse_options(CacheOptions, values)  # the options' own checks, as one-line errors
     meta = read_metadata(args.in_json)  # before the long part: a bad file fails at once
 
@@ -93,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
             meta[key].pop("sdtune_latents", None)
             continue
         meta[key]["train_resolution"] = [int(sample.bucket[0]), int(sample.bucket[1])]
-        meta[key]["sdtune_latents"] = latents_record(cache.dtype, sample.size, sample.resized, args.flip_aug)
+        meta[key]["sdtune_latents"] = latents_record(cache.dtype, sample.size, sample.resized, args.flip_aug,
+                                                         bool(args.alpha_mask))
 
     from sdtune.prep.files import write_metadata
 

@@ -17,7 +17,8 @@ the latents the first step had written. sdtune does the same:
   `apply_prepared` turns that record into the run's options, once, before training or --dry_run:
   the disk latent cache on, the recorded VAE precision (a float32 cache made by
   `--mixed_precision no` is reused on a GPU too, where the default would be float16), flip_aug
-  when mirrored latents were cached (the documented fine_tune.py used them without a flag). The
+  when mirrored latents were cached (the documented fine_tune.py used them without a flag),
+  alpha_mask when prepare stored the images' alpha masks (its --alpha_mask). The
   cache entries are then found by their content key, without a VAE call.
 
 A flag that conflicts with the record gets one line saying that the record wins. No torch.
@@ -43,9 +44,9 @@ def all_recorded(records: list[MetadataRecord]) -> bool:
     return bool(records) and all(r.train_resolution is not None for r in records)
 
 
-def latents_record(dtype: str, size: Size, resized: Size, flip: bool) -> dict[str, Any]:
+def latents_record(dtype: str, size: Size, resized: Size, flip: bool, alpha_mask: bool = False) -> dict[str, Any]:
     """What the prepare step writes as an image's `sdtune_latents`."""
-    return {"dtype": dtype, "size": list(size), "resized": list(resized), "flip": flip}
+    return {"dtype": dtype, "size": list(size), "resized": list(resized), "flip": flip, "alpha_mask": alpha_mask}
 
 
 def _pair(value) -> Size | None:
@@ -128,6 +129,10 @@ def _latent_options(opts: DatasetOptions, recorded: list, notes: list[str]) -> t
     if all(lat.get("flip") for lat in latents) and not opts.flip_aug:
         update["flip_aug"] = True
         words += "; flip_aug on, since mirrored latents were cached too (--flip_aug at prepare)"
+    if all(lat.get("alpha_mask") for lat in latents) and not opts.alpha_mask:
+        # the entries were made with the masks and the cache key includes them
+        update["alpha_mask"] = True
+        words += "; alpha_mask on (masked loss), since prepare stored the alpha masks (--alpha_mask at prepare)"
     if opts.cache_dir:
         notes.append(f"--cache_dir {opts.cache_dir}: the prepared latents are in .sdtune-cache beside the images; "
                      "this run encodes the images again into the given folder")
