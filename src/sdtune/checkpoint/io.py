@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdtune.errors import UserError, write_error
+from sdtune.umask import give_default_mode
 
 if TYPE_CHECKING:
     import torch
@@ -120,6 +121,7 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
             fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
             os.close(fd)
             tmp = Path(name)
+        give_default_mode(tmp, directory=directory)  # mkstemp/mkdtemp would leave it owner-only
         yield tmp
         if directory and final.exists():
             # A folder cannot be renamed over a non-empty one: move the old one aside first, so

@@ -46,6 +46,7 @@ from sdtune.data.buckets import crop_box
 from sdtune.data.images import BadImage, prepare_sample
 from sdtune.data.plan import DatasetPlan, Sample
 from sdtune.errors import UserError
+from sdtune.umask import give_default_mode
 
 FORMAT_VERSION = 1
 CACHE_FOLDER = ".sdtune-cache"
@@ -156,6 +157,7 @@ class _FileHashes:
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        give_default_mode(tmp)  # mkstemp makes it owner-only
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)

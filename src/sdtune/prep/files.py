@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator
 # IMAGE_EXTENSIONS: sd-scripts' list, matched case-insensitively; shared with training.
 from sdtune.data.images import IMAGE_EXTENSIONS
 from sdtune.errors import UserError
+from sdtune.umask import give_default_mode
 
 
 def find_images(directory: str | Path, recursive: bool = False) -> list[Path]:
@@ -141,6 +142,7 @@ def atomic_write_text(path: str | Path, text: str, backup: bool = False) -> Path
         shutil.copy2(path, backup_path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        give_default_mode(tmp)  # mkstemp makes it owner-only
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
             f.flush()
