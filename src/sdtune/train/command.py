@@ -31,12 +31,15 @@ def with_prepared_data(opts: TrainOptions) -> TrainOptions:
     decision said once; decided here, once, so that --dry_run and training agree."""
     import os
 
+    from sdtune.checkpoint.detect import detect_from_header
     from sdtune.data.prepared import apply_prepared
     from sdtune.families import SD1
-    from sdtune.train.plan import peek_family
 
-    family, _how = peek_family(opts.pretrained_model_name_or_path, opts.v2, opts.v_parameterization)
-    opts, notes = apply_prepared(opts, default_resolution=(family or SD1).resolution)
+    # the resolution only matters for datasets without recorded buckets; the detector's warnings are
+    # printed once, by the dry run or by loading
+    found, _why_not = detect_from_header(opts.pretrained_model_name_or_path, v2=opts.v2 or None,
+                                         v_parameterization=opts.v_parameterization or None)
+    opts, notes = apply_prepared(opts, default_resolution=(found.family if found else SD1).resolution)
     if os.environ.get("RANK", "0") == "0":  # once under a multi-process launch
         for line in notes:
             print(f"note: {line}")
