@@ -3,7 +3,7 @@
 The end of a run writes `<name>-state` with --save_state alone (as sd-scripts does). Its position
 must be where the run really stopped: inside an epoch when the last step falls there, so that the
 continued run finishes that epoch instead of skipping to the next one. Both cases are checked, with
-bucketing, gradient accumulation, caption dropout and caption shuffling on; the schedule is constant,
+bucketing, gradient accumulation, caption dropout, caption shuffling and EMA on; the schedule is constant,
 the one whose learning rate at a step does not depend on the run's length.
 """
 
@@ -37,7 +37,7 @@ def _args(ws: Path, out: Path, steps: int, *extra: str) -> list[str]:
             "--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
             "--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--caption_dropout_rate", "0.3",
             "--shuffle_caption", "--learning_rate", "1e-3", "--seed", "3", "--max_data_loader_n_workers", "0",
-            "--max_train_steps", str(steps), "--save_state", *extra]
+            "--ema", "--ema_decay", "0.8", "--max_train_steps", str(steps), "--save_state", *extra]
 
 
 def _unequal(a: dict, b: dict) -> list[str]:
@@ -96,6 +96,8 @@ def test_n_steps_then_continued_to_2n_equals_2n_straight(ws, straight, first, tm
     unet = [k for k in a if k.startswith("model.diffusion_model.")]
     assert unet and not _unequal({k: a[k] for k in unet}, {k: b[k] for k in unet})
     assert not _unequal(a, b)
+    ema = model.with_name(model.name.replace(".safetensors", "-ema.safetensors"))
+    assert not _unequal(load_file(str(ema)), load_file(str(continued / "N-ema.safetensors")))
     assert _unequal(load_file(str(first[n] / "N.safetensors")), a)  # the second half trained something
     assert not _unequal(_optimizer_tensors(state_dir), _optimizer_tensors(continued / "N-state"))
     assert _position(state_dir) == _position(continued / "N-state")
@@ -133,7 +135,19 @@ def test_a_length_dependent_schedule_is_noted_when_the_length_changes(scheduler,
     line = state.length_change_note(_record(lr_scheduler=scheduler, lr_warmup_steps=warmup), now)
     assert (line is not None) == note
     if note:
-        assert f"--max_train_steps 3 -> 6" in line and f"the {scheduler} schedule" in line
+        assert "--max_train_steps 3 -> 6" in line and f"the {scheduler} schedule" in line
     # the same length: the schedule continues as it was
     assert state.length_change_note(_record(lr_scheduler=scheduler, lr_warmup_steps=warmup),
                                     {**now, "max_train_steps": 3}) is None
+
+
+def test_without_output_name_the_saves_have_sd_scripts_names(ws, tmp_path):
+    args = _args(ws, tmp_path, 4, "--save_every_n_steps", "2", "--save_every_n_epochs", "1")
+    i = args.index("--output_name")
+    del args[i:i + 2]
+    assert main(args) == 0
+    # sd-scripts' train_util: "{}-{:06d}" with "epoch", "{}-step{:08d}" with "at", "{}-state" with "last"
+    saves = [p.name for p in tmp_path.iterdir() if p.name.endswith(("-state", ".safetensors")) and "-ema" not in p.name]
+    assert sorted(saves) == [
+        "at-step00000002-state", "at-step00000002.safetensors", "epoch-000001-state", "epoch-000001.safetensors",
+        "last-state", "last.safetensors"]

@@ -44,7 +44,7 @@ def train(opts: TrainOptions) -> TrainResult:
     from sdtune.train.noise import DiffusionObjective
     from sdtune.train.plan import peek_family
     from sdtune.train.prompts import load_prompts
-    from sdtune.train.saving import SavePolicy, epoch_stem, step_stem
+    from sdtune.train.saving import SavePolicy, default_names, epoch_stem, step_stem
     from sdtune.train.setup import (StopRequest, allow_fp16_gradients, compute_copy, configure_attention, derive_seed,
                                     diverged, make_accelerator, mem_eff_context, save_trained, text_embedding_cache,
                                     weight_dtype)
@@ -181,11 +181,11 @@ def train(opts: TrainOptions) -> TrainResult:
         note(f"resumed from {opts.resume}: step {position.global_step}, epoch {position.epoch + 1}, batch {position.batch}")
 
     # --- outputs
-    name = opts.output_name or "last"
+    name, epoch_name, step_name = default_names(opts.output_name)
     out_dir = Path(opts.output_dir)
     policy = SavePolicy(name, out_dir, opts.save_format, opts.save_every_n_epochs, opts.save_every_n_steps,
                         opts.save_last_n_epochs, opts.save_last_n_steps, opts.save_last_n_epochs_state,
-                        opts.save_last_n_steps_state, opts.save_state)
+                        opts.save_last_n_steps_state, opts.save_state, epoch_name, step_name)
     resolution = parse_resolution(opts.resolution, "--resolution") if opts.resolution else model.family.resolution
     outputs: list[Path] = []
     logger = logs.RunLogger(opts.logging_dir, opts.log_with, logs.default_run_name(opts.log_prefix),
@@ -336,7 +336,7 @@ def train(opts: TrainOptions) -> TrainResult:
                 if schedule.after_step(global_step):
                     sample(global_step)
                 if policy.due_after_step(global_step, max_steps):
-                    save(step_stem(name, global_step), global_step, epoch + 1)
+                    save(step_stem(step_name, global_step), global_step, epoch + 1)
                     if main:
                         policy.prune_steps(global_step)
                 # all processes stop at the same step if any was asked to (they must save together)
@@ -356,7 +356,7 @@ def train(opts: TrainOptions) -> TrainResult:
             if schedule.after_epoch(epoch + 1):
                 sample(global_step, epoch + 1)
             if policy.due_after_epoch(epoch + 1, epochs) and global_step < max_steps:
-                save(epoch_stem(name, epoch + 1), global_step, epoch + 1)
+                save(epoch_stem(epoch_name, epoch + 1), global_step, epoch + 1)
                 if main:
                     policy.prune_epochs(epoch + 1)
             if global_step >= max_steps:
