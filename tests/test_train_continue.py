@@ -141,6 +141,39 @@ def test_a_length_dependent_schedule_is_noted_when_the_length_changes(scheduler,
                                     {**now, "max_train_steps": 3}) is None
 
 
+def test_a_longer_cosine_schedule_takes_over_at_the_first_continued_step():
+    """A 2-step cosine run ends at learning rate 0; continued over 4 steps, the next step must use the
+    4-step schedule's rate at step 2, 1e-3 * (1 + cos(pi * 2 / 4)) / 2 = 5e-4, not the saved 0."""
+    from diffusers.optimization import get_scheduler
+
+    def build(total):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+        return optimizer, get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=total)
+
+    optimizer, scheduler = build(2)
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    longer_optimizer, longer = build(4)
+    longer_optimizer.load_state_dict(optimizer.state_dict())
+    longer.load_state_dict(scheduler.state_dict())
+    state.follow_new_length(longer)
+    assert longer_optimizer.param_groups[0]["lr"] == pytest.approx(5e-4, rel=1e-12)
+    assert longer.get_last_lr() == [longer_optimizer.param_groups[0]["lr"]]
+
+
+def test_a_cosine_run_continued_trains_at_once(ws, tmp_path, capsys):
+    """End to end: with the saved rate (0) the continued step would leave the weights unchanged."""
+    first, continued = tmp_path / "first", tmp_path / "continued"
+    assert main(_args(ws, first, 2, "--lr_scheduler", "cosine")) == 0
+    capsys.readouterr()
+    assert main(_args(ws, continued, 3, "--lr_scheduler", "cosine", "--resume", str(first / "N-state"))) == 0
+    assert "note: the training length changed (--max_train_steps 2 -> 3)" in capsys.readouterr().out
+    a, b = load_file(str(first / "N.safetensors")), load_file(str(continued / "N.safetensors"))
+    assert [k for k in _unequal(a, b) if k.startswith("model.diffusion_model.")]
+
+
 def test_without_output_name_the_saves_have_sd_scripts_names(ws, tmp_path):
     args = _args(ws, tmp_path, 4, "--save_every_n_steps", "2", "--save_every_n_epochs", "1")
     i = args.index("--output_name")

@@ -58,10 +58,11 @@ def train(opts: TrainOptions) -> TrainResult:
     device, accum = accelerator.device, opts.gradient_accumulation_steps
     options_dict = opts.model_dump(mode="json")
     resume_record = state.read_state(opts.resume) if opts.resume else None
+    length_changed = None
     if resume_record:  # refuse a mismatched resume before any expensive work
         state.check_compatible(resume_record, options_dict, opts.resume_allow_changes, opts.resume)
-        if line := state.length_change_note(resume_record, options_dict):
-            note(f"note: {line}")
+        if length_changed := state.length_change_note(resume_record, options_dict):
+            note(f"note: {length_changed}")
     schedule = sampling.SampleSchedule(opts.sample_every_n_steps, opts.sample_every_n_epochs, opts.sample_at_first)
     for line in sampling.check_sampling_options(opts.sample_prompts, opts.sample_every_n_steps,
                                                 opts.sample_every_n_epochs, opts.sample_at_first):
@@ -178,6 +179,8 @@ def train(opts: TrainOptions) -> TrainResult:
     position = state.Position()
     if opts.resume:
         position = state.load_state(accelerator, opts.resume, ema)
+        if length_changed:
+            state.follow_new_length(lr_scheduler)
         note(f"resumed from {opts.resume}: step {position.global_step}, epoch {position.epoch + 1}, batch {position.batch}")
 
     # --- outputs

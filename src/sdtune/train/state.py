@@ -217,6 +217,21 @@ def length_change_note(record: dict[str, Any], options: dict[str, Any]) -> str |
             "from the state's step, so the result differs from one run of the new length (constant schedules match)")
 
 
+def follow_new_length(lr_scheduler) -> None:
+    """After loading a state into a schedule rebuilt over a new length: the optimizer's learning rate
+    is still the saved run's value at the state's step (0 at the end of a cosine run); set it from the
+    new schedule, so that the next step already follows it. For schedules given as a function of the
+    step (every diffusers schedule); others keep the saved value."""
+    import torch
+
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def _fractional_warmup(warmup) -> bool:
     text = str(warmup or 0).strip()
     if text.endswith("%"):
