@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from sdtune.train.saving import SavePolicy, epoch_stem, step_stem
+from sdtune.train.saving import SavePolicy, default_names, epoch_stem, step_stem
 
 
 def _touch(directory: Path, *names):
@@ -44,3 +44,17 @@ def test_keep_last_n_steps_counts_steps(tmp_path):
     _touch(tmp_path, "m-step00000100.safetensors", "m-step00000200.safetensors", "m-step00000300.safetensors")
     SavePolicy("m", tmp_path, "safetensors", every_n_steps=100, last_n_steps=150).prune_steps(300)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m-step00000200.safetensors", "m-step00000300.safetensors"]
+
+
+def test_default_names_are_sd_scripts_and_pruning_follows_them(tmp_path):
+    # sd-scripts' train_util: DEFAULT_LAST_OUTPUT_NAME "last", DEFAULT_EPOCH_NAME "epoch", DEFAULT_STEP_NAME "at"
+    assert default_names(None) == ("last", "epoch", "at")
+    assert default_names("m") == ("m", "m", "m")
+    _touch(tmp_path, "epoch-000001.safetensors", "epoch-000002.safetensors", "epoch-000001-state",
+           "at-step00000100.safetensors", "at-step00000200.safetensors", "at-step00000100-state", "last.safetensors")
+    policy = SavePolicy("last", tmp_path, "safetensors", every_n_epochs=1, every_n_steps=100, last_n_epochs=1,
+                        last_n_steps=50, epoch_name="epoch", step_name="at")
+    policy.prune_epochs(2)
+    policy.prune_steps(200)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["at-step00000200.safetensors", "epoch-000002.safetensors",
+                                                          "last.safetensors"]

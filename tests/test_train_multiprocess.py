@@ -85,7 +85,7 @@ def test_a_save_that_fails_on_the_main_process_stops_both(tmp_path, run_in_sessi
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "inject"), os.environ.get("PYTHONPATH", "")])
     proc = run_in_session(cmd, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode != 0
-    assert "cannot write last-step00000001.safetensors: the disk is full" in proc.stderr, proc.stderr[-3000:]
+    assert "cannot write at-step00000001.safetensors: the disk is full" in proc.stderr, proc.stderr[-3000:]
     assert "another process failed (its message is above)" in proc.stderr  # the other rank, told at once
     assert not list((tmp_path / "out").glob("*.safetensors"))
     assert not [p.name for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]

@@ -41,7 +41,7 @@ def train(opts: TrainOptions) -> TrainResult:
     from sdtune.train.ema import EMA
     from sdtune.train.noise import DiffusionObjective
     from sdtune.train.prompts import load_prompts
-    from sdtune.train.saving import SavePolicy, epoch_stem, step_stem
+    from sdtune.train.saving import SavePolicy, default_names, epoch_stem, step_stem
     from sdtune.train.setup import (StopRequest, allow_fp16_gradients, compute_copy, configure_attention, derive_seed,
                                     diverged, make_accelerator, mem_eff_context, save_trained, text_embedding_cache,
                                     weight_dtype)
@@ -55,8 +55,11 @@ def train(opts: TrainOptions) -> TrainResult:
     device, accum = accelerator.device, opts.gradient_accumulation_steps
     options_dict = opts.model_dump(mode="json")
     resume_record = state.read_state(opts.resume) if opts.resume else None
+    length_changed = None
     if resume_record:  # refuse a mismatched resume before any expensive work
         state.check_compatible(resume_record, options_dict, opts.resume_allow_changes, opts.resume)
+        if length_changed := state.length_change_note(resume_record, options_dict):
+            note(f"note: {length_changed}")
     schedule = sampling.SampleSchedule(opts.sample_every_n_steps, opts.sample_every_n_epochs, opts.sample_at_first)
     for line in sampling.check_sampling_options(opts.sample_prompts, opts.sample_every_n_steps,
                                                 opts.sample_every_n_epochs, opts.sample_at_first):
@@ -146,6 +149,8 @@ def train(opts: TrainOptions) -> TrainResult:
     steps_per_epoch = plan.steps_per_epoch(world, accum)
     max_steps = opts.max_train_epochs * steps_per_epoch if opts.max_train_epochs else opts.max_train_steps
     epochs = math.ceil(max_steps / steps_per_epoch)
+    if resume_record:
+        state.check_remaining(resume_record, max_steps, opts.resume)
     groups = optim.build_param_groups(unet, text_encoder if train_te else None, learning_rate=opts.learning_rate,
                                       learning_rate_te=opts.learning_rate_te)
     optimizer = optim.build_optimizer(opts.effective_optimizer, groups, opts.learning_rate, opts.optimizer_args, note=note)
@@ -171,14 +176,16 @@ def train(opts: TrainOptions) -> TrainResult:
     position = state.Position()
     if opts.resume:
         position = state.load_state(accelerator, opts.resume, ema)
+        if length_changed:
+            state.follow_new_length(lr_scheduler)
         note(f"resumed from {opts.resume}: step {position.global_step}, epoch {position.epoch + 1}, batch {position.batch}")
 
     # --- outputs
-    name = opts.output_name or "last"
+    name, epoch_name, step_name = default_names(opts.output_name)
     out_dir = Path(opts.output_dir)
     policy = SavePolicy(name, out_dir, opts.save_format, opts.save_every_n_epochs, opts.save_every_n_steps,
                         opts.save_last_n_epochs, opts.save_last_n_steps, opts.save_last_n_epochs_state,
-                        opts.save_last_n_steps_state, opts.save_state)
+                        opts.save_last_n_steps_state, opts.save_state, epoch_name, step_name)
     settings = logs.trained_settings(plan.datasets, clip_skip=conditioner.layer.clip_skip, num_processes=world,
                                      gradient_accumulation_steps=accum)  # what was trained, for ModelSpec and the summary
     outputs: list[Path] = []
@@ -254,6 +261,7 @@ def train(opts: TrainOptions) -> TrainResult:
     last_batch = plan.batches_per_epoch(world) - 1
     progress = logs.TrainProgress(max_steps, initial=position.global_step, disable=not main)
     global_step, losses, micro, stopped = position.global_step, [], [], False
+    epochs_done = position.epoch  # for the summary and ModelSpec: epochs begun, as before
     scaling = model.vae.config.scaling_factor
     if schedule.at_start() and global_step == 0:
         sample(0)
@@ -331,7 +339,7 @@ def train(opts: TrainOptions) -> TrainResult:
                 if schedule.after_step(global_step):
                     sample(global_step)
                 if policy.due_after_step(global_step, max_steps):
-                    save(step_stem(name, global_step), global_step, epoch + 1)
+                    save(step_stem(step_name, global_step), global_step, epoch + 1)
                     if main:
                         policy.prune_steps(global_step)
                 # all processes stop at the same step if any was asked to (they must save together)
@@ -340,7 +348,10 @@ def train(opts: TrainOptions) -> TrainResult:
                     break
             if stopped:
                 break
-            position = state.Position(global_step, epoch + 1, 0)
+            epochs_done = epoch + 1
+            if global_step < max_steps or position.batch > last_batch:
+                position = state.Position(global_step, epoch + 1, 0)
+            # else the run ended inside the epoch: its end state continues there, as a mid-run one does
             if main and epoch_losses:
                 logger.log(global_step, {"loss/epoch": sum(epoch_losses) / len(epoch_losses)})
             if (epoch + 1) % (opts.validate_every_n_epochs or 1) == 0:
@@ -348,7 +359,7 @@ def train(opts: TrainOptions) -> TrainResult:
             if schedule.after_epoch(epoch + 1):
                 sample(global_step, epoch + 1)
             if policy.due_after_epoch(epoch + 1, epochs) and global_step < max_steps:
-                save(epoch_stem(name, epoch + 1), global_step, epoch + 1)
+                save(epoch_stem(epoch_name, epoch + 1), global_step, epoch + 1)
                 if main:
                     policy.prune_epochs(epoch + 1)
             if global_step >= max_steps:
@@ -356,13 +367,13 @@ def train(opts: TrainOptions) -> TrainResult:
     progress.close()
 
     # --- the end: state on request or interruption, final model, summary
-    if stopped or opts.save_state_on_train_end:
+    if stopped or opts.save_state or opts.save_state_on_train_end:  # sd-scripts: --save_state alone writes it too
         state.save_state(accelerator, out_dir / f"{name}-state", position, options_dict, ema, dataset)
         note(f"training state saved to {out_dir / f'{name}-state'} (continue with --resume)")
     if world > 1:
         _check_replicas(accelerator, unet, note)
     if not stopped:
-        save(name, global_step, position.epoch, final=True)
+        save(name, global_step, epochs_done, final=True)
     seconds = time.time() - started
     if main:
         report = conditioner.truncation_report()
@@ -371,14 +382,14 @@ def train(opts: TrainOptions) -> TrainResult:
         plot = logs.plot_loss(out_dir / f"{name}-loss.png", list(range(1, len(losses) + 1)), losses) if losses else None
         logs.write_summary(out_dir / f"{name}-train_summary.json", options_dict, global_step, seconds,
                            sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None, [str(p) for p in outputs],
-                           epochs=position.epoch, stopped=stopped, loss_plot=str(plot) if plot else None,
+                           epochs=epochs_done, stopped=stopped, loss_plot=str(plot) if plot else None,
                            family=model.family.name, trained=settings)
         logger.close()
     accelerator.end_training()
     # a run stopped early exits like a process killed by the signal would (130 for Ctrl-C), so that
     # scripts and schedulers see it did not finish; with no local signal another process asked
     exit_status = 128 + int(stop.signum or signal.SIGTERM) if stopped else 0
-    return TrainResult(global_step, position.epoch, losses[-1] if losses else float("nan"), seconds, outputs, losses,
+    return TrainResult(global_step, epochs_done, losses[-1] if losses else float("nan"), seconds, outputs, losses,
                        stopped, validation_losses, exit_status)
 
 

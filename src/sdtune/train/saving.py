@@ -8,6 +8,9 @@ Names follow sd-scripts so existing scripts and UIs find the files:
     <name>-000004-state/ ...            the matching training state (--save_state)
     <name>-state/                       state at the end of training (or on Ctrl-C)
 
+Without --output_name, sd-scripts names the final save `last`, the epoch saves `epoch-000004` and
+the step saves `at-step00001000` (`default_names`).
+
 Retention (`--save_last_n_epochs N`, `--save_last_n_steps N`) is computed from the names on disk,
 not from an in-memory list, so it keeps working across resumes. No torch here.
 """
@@ -20,6 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "diffusers": "", "diffusers_safetensors": ""}
+
+
+def default_names(output_name: str | None) -> tuple[str, str, str]:
+    """The (final, epoch, step) save names: `--output_name` for all, or sd-scripts' defaults."""
+    return (output_name, output_name, output_name) if output_name else ("last", "epoch", "at")
 
 
 def epoch_stem(name: str, epoch: int) -> str:
@@ -42,6 +50,8 @@ class SavePolicy:
     last_n_epochs_state: int | None = None
     last_n_steps_state: int | None = None
     save_state: bool = False
+    epoch_name: str = ""  # the name of the epoch saves, when not `name` (default_names)
+    step_name: str = ""   # the name of the step saves, when not `name`
 
     def model_path(self, stem: str) -> Path:
         return self.directory / (stem + EXTENSIONS[self.fmt])
@@ -63,7 +73,7 @@ class SavePolicy:
         for keep, state in ((self.last_n_epochs, False), (self.last_n_epochs_state or self.last_n_epochs, True)):
             if keep and self.every_n_epochs:
                 oldest_kept = current_epoch - (keep - 1) * self.every_n_epochs
-                removed += self._remove(_EPOCH_RE, lambda n: n < oldest_kept, state)
+                removed += self._remove(_EPOCH_RE, lambda n: n < oldest_kept, state, self.epoch_name)
         return removed
 
     def prune_steps(self, current_step: int) -> list[Path]:
@@ -71,18 +81,18 @@ class SavePolicy:
         removed = []
         for keep, state in ((self.last_n_steps, False), (self.last_n_steps_state or self.last_n_steps, True)):
             if keep:
-                removed += self._remove(_STEP_RE, lambda n: n < current_step - keep, state)
+                removed += self._remove(_STEP_RE, lambda n: n < current_step - keep, state, self.step_name)
         return removed
 
-    def _remove(self, pattern: re.Pattern, too_old, state: bool) -> list[Path]:
-        removed = []
+    def _remove(self, pattern: re.Pattern, too_old, state: bool, name: str = "") -> list[Path]:
+        removed, name = [], name or self.name
         if not self.directory.is_dir():
             return removed
         ext = "-state" if state else EXTENSIONS[self.fmt]
         for path in sorted(self.directory.iterdir()):
-            if not path.name.startswith(self.name + "-") or not path.name.endswith(ext):
+            if not path.name.startswith(name + "-") or not path.name.endswith(ext):
                 continue
-            core = path.name[len(self.name) + 1:len(path.name) - len(ext) if ext else None]
+            core = path.name[len(name) + 1:len(path.name) - len(ext) if ext else None]
             m = pattern.fullmatch(core)
             if not m or (not state and core.endswith("-state")) or not too_old(int(m.group(1))):
                 continue

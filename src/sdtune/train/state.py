@@ -186,6 +186,62 @@ def check_dataset(record: dict[str, Any], now: dict[str, Any], allow_changes: bo
     return False
 
 
+def check_remaining(record: dict[str, Any], max_steps: int, where: str) -> None:
+    """Refuse a resume with nothing left to train: the step count covers the whole run."""
+    done = record["position"]["global_step"]
+    if done >= max_steps:
+        raise UserError(f"this state is at step {done} and the run ends at step {max_steps}: nothing is left to train "
+                        "(the step count covers the whole run, including the steps before the state; sd-scripts' "
+                        "fine_tune.py counts from the resume instead)", where=where,
+                        fix=f"To train N more steps, pass --max_train_steps {done}+N (or a larger --max_train_epochs).")
+
+
+# Schedules whose learning rate at a step does not depend on the run's length: a run continued to a
+# larger --max_train_steps from a state then equals one run of that length.
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+def length_change_note(record: dict[str, Any], options: dict[str, Any]) -> str | None:
+    """A note when the resumed run is longer or shorter than the saved one and its learning-rate
+    schedule depends on the length (or the warm-up is a fraction of it)."""
+    saved = record.get("all_options") or {}
+    keys = ("max_train_steps", "max_train_epochs")
+    if all(saved.get(k) == options.get(k) for k in keys):
+        return None
+    fractional = _fractional_warmup(options.get("lr_warmup_steps"))
+    if options.get("lr_scheduler") in LENGTH_FREE_SCHEDULES and not fractional:
+        return None
+    changed = ", ".join(f"--{k} {saved.get(k)} -> {options.get(k)}" for k in keys if saved.get(k) != options.get(k))
+    return (f"the training length changed ({changed}): the {options.get('lr_scheduler')} schedule"
+            f"{' with its fractional warm-up' if fractional else ''} is rebuilt over the new length and continues "
+            "from the state's step, so the result differs from one run of the new length (constant schedules match)")
+
+
+def follow_new_length(lr_scheduler) -> None:
+    """After loading a state into a schedule rebuilt over a new length: the optimizer's learning rate
+    is still the saved run's value at the state's step (0 at the end of a cosine run); set it from the
+    new schedule, so that the next step already follows it. For schedules given as a function of the
+    step (every diffusers schedule); others keep the saved value."""
+    import torch
+
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def _fractional_warmup(warmup) -> bool:
+    text = str(warmup or 0).strip()
+    if text.endswith("%"):
+        return True
+    try:
+        return 0 < float(text) < 1
+    except ValueError:  # refused with its own message when the schedule is built
+        return False
+
+
 def load_state(accelerator, directory: str | Path, ema=None) -> Position:
     from safetensors.torch import load_file
 
