@@ -137,6 +137,8 @@ resolution = [512, 768]
      "not supported"),
     ('[[datasets]]\nenable_bucket = true\nresolution = 2048\n  [[datasets.subsets]]\n  metadata_file = "IMG/m.json"\n',
      "outside the bucket sides"),
+    ('[[datasets]]\nenable_bucket = true\nmin_bucket_reso = 32\n  [[datasets.subsets]]\n  metadata_file = "IMG/m.json"\n',
+     "min_bucket_reso = 32 is below bucket_reso_steps = 64"),
     ('[[dataset]]\n', "did you mean 'datasets'"),
     ('[[datasets]]\nresolution = 512\n', "no [[datasets.subsets]]"),
 ])

@@ -245,6 +245,10 @@ def dataset_specs(options: DatasetOptions, *, default_resolution: int | Size | N
                             where=f"{d_where}.bucket_reso_steps", fix="Use 64 (the default) or another multiple of 8.")
         if enable_bucket and not no_upscale:
             lo, hi = min_reso // step * step, -(-max_reso // step) * step
+            if lo == 0:  # sd-scripts rounds it down to 0 and then divides by the 0-wide bucket
+                raise UserError(f"min_bucket_reso = {min_reso} is below bucket_reso_steps = {step}: the smallest "
+                                "bucket side would be 0", where=f"{d_where}.min_bucket_reso",
+                                fix=f"Use a min_bucket_reso of at least {step}, or a smaller bucket_reso_steps.")
             if min(resolution) < lo or max(resolution) > hi:
                 raise UserError(f"resolution {resolution[0]}x{resolution[1]} is outside the bucket sides {lo}..{hi}",
                                 where=f"{d_where}.resolution",
