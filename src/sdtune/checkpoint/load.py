@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,9 @@ def load_model(path_or_id, *, v2: bool | None = None, v_parameterization: bool |
         raise UserError("model not found", where=str(path_or_id),
                         fix="Give a .safetensors/.ckpt file, a Diffusers folder, or a Hugging Face id (owner/name).")
     if verbose:
-        print(f"model: {model.source}: {model.family.title} ({model.detection})", file=sys.stderr)
+        from sdtune.console import note  # the level and log file of --console_log_* apply
+
+        note(f"model: {model.source}: {model.family.title} ({model.detection})", stderr=True)
     return model
 
 

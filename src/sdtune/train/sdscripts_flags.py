@@ -24,21 +24,29 @@ NOT_SUPPORTED: dict[str, str] = {
     "dataset_class": "custom dataset classes are not supported; use a dataset TOML",
     "debug_dataset": "the OpenCV dataset viewer is not supported; use --dry_run to inspect buckets",
     "huggingface_repo_id": "uploading to the Hugging Face hub is not supported",
+    **{name: "uploading to the Hugging Face hub is not supported" for name in (
+        "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token", "huggingface_repo_visibility",
+        "save_state_to_huggingface", "async_upload")},
+    "caption_extension": "fine-tuning reads captions from the metadata file (sd-scripts' fine_tune.py ignores this "
+                         "flag too); to gather caption files into one, use sdtune merge --caption_extension",
+    "caption_extention": "fine-tuning reads captions from the metadata file (sd-scripts' fine_tune.py ignores this "
+                         "flag too); to gather caption files into one, use sdtune merge --caption_extension",
+    "cache_info": "it caches DreamBooth folder scans, which fine-tuning does not make (sd-scripts' fine_tune.py "
+                  "ignores it too)",
     "resume_from_huggingface": "resuming from the Hugging Face hub is not supported",
     "lowram": "--lowram is not supported",
     "highvram": "--highvram is not supported",
     "tokenizer_cache_dir": "not needed: sdtune ships its tokenizers",
-    "skip_until_initial_step": "not needed: --resume continues at the exact batch where the state was saved",
+    "skip_until_initial_step": "not needed: --resume continues at the exact batch where the state was saved "
+                               "(--initial_step only sets the counters, as without this flag in sd-scripts)",
 }
 
 # Flags that sd-scripts documents and sdtune will implement (tracked in the issues); refused until then.
 PLANNED: dict[str, str] = {
     name: "not implemented yet in this version of sdtune"
     for name in (
-        "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "lr_scheduler_timescale",
-        "lr_scheduler_min_lr_ratio", "save_n_epoch_ratio",
         "torch_compile", "dynamo_backend", "ddp_timeout",
-        "ddp_gradient_as_bucket_view", "ddp_static_graph", "vae", "output_config", "alpha_mask",
+        "ddp_gradient_as_bucket_view", "ddp_static_graph", "vae", "alpha_mask",
         "fp16_master_weights_and_gradients",
     )
 }
