@@ -240,3 +240,59 @@ def test_schedules_act_in_training(ws, tmp_path):
               "--lr_scheduler_args", "step_size=2", "gamma=0.1")
     assert logged(tmp_path / "s" / "logs", "lr/unet") == pytest.approx([LR * 0.1 ** (k // 2) for k in range(1, 4)],
                                                                         rel=1e-6)
+
+
+# ------------------------------------------------------------------ against sd-scripts itself
+
+KOHYA_CURVES = r"""
+import argparse, json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from library import train_util
+out = []
+for c in json.loads(sys.argv[2]):
+    ns = argparse.Namespace(optimizer_type="AdamW", lr_scheduler=c["name"], max_train_steps=c["total"],
+        lr_warmup_steps=c.get("warmup", 0), lr_decay_steps=c.get("decay", 0), lr_scheduler_num_cycles=c.get("cycles", 1),
+        lr_scheduler_power=1.0, lr_scheduler_timescale=c.get("timescale"), lr_scheduler_min_lr_ratio=c.get("ratio"),
+        lr_scheduler_args=c.get("args"), lr_scheduler_type=c.get("type", ""))
+    p = torch.nn.Parameter(torch.zeros(2)); opt = torch.optim.SGD([p], lr=0.5)
+    s = train_util.get_scheduler_fix(ns, opt, 1)
+    vals = []
+    for _ in range(c["total"] + 1):
+        vals.append(opt.param_groups[0]["lr"]); opt.step(); s.step()
+    out.append(vals)
+print("JSON" + json.dumps(out))
+"""
+KOHYA_CASES = [
+    {"name": "inverse_sqrt", "total": 12, "warmup": 3},
+    {"name": "inverse_sqrt", "total": 12, "warmup": 3, "timescale": 5},
+    {"name": "cosine_with_min_lr", "total": 12, "warmup": 2, "ratio": 0.1},
+    {"name": "cosine_with_min_lr", "total": 12, "ratio": 0.25, "cycles": 2},
+    {"name": "warmup_stable_decay", "total": 12, "warmup": 2, "decay": 4},
+    {"name": "warmup_stable_decay", "total": 12, "warmup": 3, "decay": 0.5, "ratio": 0.2,
+     "args": ["warmup_type='cosine'", "decay_type='linear'"]},
+    {"name": "warmup_stable_decay", "total": 12, "decay": 5, "cycles": 2},
+    {"name": "piecewise_constant", "total": 12, "args": ["step_rules='1:3,0.5:7,0.1'"]},
+    {"name": "constant", "total": 12, "type": "StepLR", "args": ["step_size=3", "gamma=0.5"]},
+]
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("SDTUNE_SDSCRIPTS_PYTHON"),
+                    reason="set SDTUNE_SDSCRIPTS_PYTHON (and SDTUNE_SDSCRIPTS_DIR) to compare with sd-scripts itself")
+def test_same_curves_as_sd_scripts(tmp_path):
+    """sd-scripts' get_scheduler_fix on the same flags (one process), run in its own environment."""
+    import json
+    import os
+    import subprocess
+
+    script = tmp_path / "kohya_curves.py"
+    script.write_text(KOHYA_CURVES)
+    proc = subprocess.run([os.environ["SDTUNE_SDSCRIPTS_PYTHON"], str(script),
+                           os.environ.get("SDTUNE_SDSCRIPTS_DIR", "/work/kohya/sd-scripts"), json.dumps(KOHYA_CASES)],
+                          capture_output=True, text=True, timeout=600, check=True)
+    theirs = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("JSON"))[4:])
+    for case, ref in zip(KOHYA_CASES, theirs):
+        ours = curve(case["name"], total=case["total"], warmup=case.get("warmup", 0), decay=case.get("decay"),
+                     num_cycles=case.get("cycles"), timescale=case.get("timescale"), min_lr_ratio=case.get("ratio"),
+                     scheduler_type=case.get("type"), scheduler_args=[a.replace("'", "") for a in case.get("args") or []])
+        assert ours == pytest.approx(ref, rel=1e-12, abs=1e-15), case

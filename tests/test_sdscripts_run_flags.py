@@ -134,21 +134,23 @@ def test_output_config_writes_what_a_run_reads_back(tmp_path, capsys):
     flags = ["--pretrained_model_name_or_path", "model.safetensors", "--output_dir", str(tmp_path / "out"),
              "--learning_rate", "3e-6", "--lr_scheduler", "cosine_with_min_lr", "--lr_scheduler_min_lr_ratio", "0.1",
              "--optimizer_args", "weight_decay=0.01", "betas=0.9,0.99", "--resolution", "512,768", "--use_8bit_adam",
-             "--metadata_title", 'a "quoted" title\twith tab', "--wandb_api_key", "secret", "--initial_epoch", "2"]
+             "--metadata_title", 'a "quoted" title\twith tab', "--wandb_api_key", "secret", "--initial_epoch", "2",
+             "--lr_warmup_steps", "0.1"]
     name = tmp_path / "cfg"
     assert main(["train", *flags, "--output_config", "--config_file", str(name)]) == 0
     path = tmp_path / "cfg.toml"  # sd-scripts' rule: .toml is added
-    assert f"wrote {path} (10 options); left out: wandb_api_key (a secret)" in capsys.readouterr().out
+    assert f"wrote {path} (11 options); left out: wandb_api_key (a secret)" in capsys.readouterr().out
     written = tomllib.loads(path.read_text())
     assert written == {
         "pretrained_model_name_or_path": "model.safetensors", "output_dir": str(tmp_path / "out"), "learning_rate": 3e-6,
         "lr_scheduler": "cosine_with_min_lr", "lr_scheduler_min_lr_ratio": 0.1,
         "optimizer_args": ["weight_decay=0.01", "betas=0.9,0.99"], "resolution": "512,768", "use_8bit_adam": True,
-        "metadata_title": 'a "quoted" title\twith tab', "initial_epoch": 2}
+        "metadata_title": 'a "quoted" title\twith tab', "initial_epoch": 2,
+        "lr_warmup_steps": 0.1}  # a number, as sd-scripts' own parser would have made it
     # read back by name, as sd-scripts does: the same options as the command line gave
     from_file = options("train", "--config_file", str(name))
     from_line = options("train", *flags)
-    assert from_file.model_dump() == {**from_line.model_dump(), "wandb_api_key": None}
+    assert from_file.model_dump() == {**from_line.model_dump(), "wandb_api_key": None, "lr_warmup_steps": 0.1}
     # never overwritten, and the file to write must be named
     assert main(["train", *flags, "--output_config", "--config_file", str(name)]) == 2
     assert "already exists; nothing was written" in capsys.readouterr().err
@@ -184,3 +186,31 @@ def test_resize_interpolation_reaches_the_images(tmp_path):
         assert np.allclose(first_image("--resize_interpolation", name), expected, atol=1e-6)
     default = np.asarray(src.resize((64, 64), Image.Resampling.BOX), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1
     assert np.allclose(first_image(), default, atol=1e-6)  # area averaging when shrinking
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("SDTUNE_SDSCRIPTS_PYTHON"),
+                    reason="set SDTUNE_SDSCRIPTS_PYTHON (and SDTUNE_SDSCRIPTS_DIR) to read the file with sd-scripts")
+def test_sd_scripts_reads_the_written_config(tmp_path):
+    import os
+    import subprocess
+
+    flags = ["--pretrained_model_name_or_path", "model.safetensors", "--output_dir", "out", "--learning_rate", "3e-6",
+             "--optimizer_args", "weight_decay=0.01", "betas=0.9,0.99", "--resolution", "512,768", "--use_8bit_adam",
+             "--metadata_title", 'a "quoted" title', "--lr_scheduler", "linear", "--lr_warmup_steps", "0.1"]
+    assert main(["train", *flags, "--output_config", "--config_file", str(tmp_path / "cfg")]) == 0
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import os; os.chdir(sys.argv[1]); import fine_tune\n"
+            "from library import train_util\n"
+            "given, sys.argv = sys.argv, ['fine_tune.py', '--config_file', sys.argv[2]]  # as its command line\n"
+            "p = fine_tune.setup_parser(); a = p.parse_args()\n"
+            "a = train_util.read_config_from_file(a, p)\n"
+            "print('JSON' + json.dumps({k: getattr(a, k) for k in given[3:]}))\n")
+    keys = ["pretrained_model_name_or_path", "output_dir", "learning_rate", "optimizer_args", "resolution",
+            "use_8bit_adam", "metadata_title", "lr_warmup_steps"]
+    proc = subprocess.run([os.environ["SDTUNE_SDSCRIPTS_PYTHON"], "-c", code,
+                           os.environ.get("SDTUNE_SDSCRIPTS_DIR", "/work/kohya/sd-scripts"), str(tmp_path / "cfg"), *keys],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("JSON"))[4:])
+    assert theirs == {"pretrained_model_name_or_path": "model.safetensors", "output_dir": "out", "learning_rate": 3e-6,
+                      "optimizer_args": ["weight_decay=0.01", "betas=0.9,0.99"], "resolution": "512,768",
+                      "use_8bit_adam": True, "metadata_title": 'a "quoted" title', "lr_warmup_steps": 0.1}

@@ -42,7 +42,7 @@ def write_config(args: Any, opts: Any) -> Path:
     if path.exists():
         raise UserError("already exists; nothing was written", where=str(path),
                         fix="Choose another --config_file name, or remove the file first.")
-    values = opts.model_dump(mode="json")
+    values = {k: _number_if_numeric(type(opts), k, v) for k, v in opts.model_dump(mode="json").items()}
     keys = [k for k in vars(args) if values.get(k) is not None and k not in NOT_WRITTEN]
     lines = ["# written by sdtune --output_config; train with: sdtune train --config_file " + str(path), ""]
     lines += [f"{key} = {toml_value(values[key], key)}" for key in keys]
@@ -53,6 +53,22 @@ def write_config(args: Any, opts: Any) -> Path:
     secret = [k for k in NOT_WRITTEN if k in vars(args)]
     note(f"wrote {path} ({len(keys)} options){'; left out: ' + ', '.join(secret) + ' (a secret)' if secret else ''}")
     return path
+
+
+def _number_if_numeric(model: Any, key: str, value: Any) -> Any:
+    """A "step count or fraction" option given as text ("500", "0.1") is written as the number sd-scripts'
+    int_or_float reads from its command line (500, 0.1): sd-scripts takes a string from a TOML file as it
+    is, and its schedule would fail on it. "5%" stays text."""
+    from typing import get_args
+
+    if not isinstance(value, str) or float not in get_args(model.model_fields[key].annotation):
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def toml_value(value: Any, key: str = "") -> str:
