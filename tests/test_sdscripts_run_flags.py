@@ -214,3 +214,21 @@ def test_sd_scripts_reads_the_written_config(tmp_path):
     assert theirs == {"pretrained_model_name_or_path": "model.safetensors", "output_dir": "out", "learning_rate": 3e-6,
                       "optimizer_args": ["weight_decay=0.01", "betas=0.9,0.99"], "resolution": "512,768",
                       "use_8bit_adam": True, "metadata_title": 'a "quoted" title', "lr_warmup_steps": 0.1}
+
+
+def test_resume_accepts_other_logging_counting_and_metadata_flags():
+    """They change neither the weights nor the data order, so a state resumes without them (and the
+    schedule flags, which do change the arithmetic, are still compared)."""
+    from sdtune.train import state
+
+    common = ["train", "--pretrained_model_name_or_path", "m", "--output_dir", "o"]
+    saved = options(*common, "--initial_step", "3", "--console_log_level", "ERROR", "--console_log_file", "x.log",
+                    "--console_log_simple", "--save_n_epoch_ratio", "2", "--metadata_usage_hint", "h",
+                    "--metadata_trigger_phrase", "t", "--metadata_preprocessor", "p", "--metadata_merged_from", "a",
+                    "--metadata_is_negative_embedding", "False")
+    record = {"options": state.significant_options(saved.model_dump(mode="json"))}
+    assert state.check_compatible(record, options(*common, "--initial_epoch", "2").model_dump(mode="json"),
+                                  False, "s") == []
+    with pytest.raises(UserError, match="lr_decay_steps: None -> '3'"):
+        state.check_compatible(record, options(*common, "--lr_scheduler", "warmup_stable_decay", "--lr_decay_steps",
+                                               "3").model_dump(mode="json"), False, "s")

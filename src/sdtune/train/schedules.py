@@ -86,7 +86,7 @@ def check_schedule_options(opts: Any) -> None:
     name = opts.lr_scheduler
     given = {flag: getattr(opts, flag) for flag in ONLY_WITH if getattr(opts, flag) is not None}
     args = parse_scheduler_args(opts.lr_scheduler_args)
-    warmup = opts.lr_warmup_steps not in (0, 0.0, "0", "0%", None)
+    warmup = _given(opts.lr_warmup_steps)
     if opts.lr_scheduler_type:
         others = ([f"--lr_scheduler {name}"] if name != "constant" else []) + [f"--{f}" for f in given]
         others += ["--lr_warmup_steps"] if warmup else []
@@ -104,6 +104,16 @@ def check_schedule_options(opts: Any) -> None:
                else "Drop --lr_warmup_steps.")
         raise UserError(f"--lr_scheduler {name} has no warm-up", where="--lr_warmup_steps", fix=fix)
     _check_args(name, args, min_lr_ratio=opts.lr_scheduler_min_lr_ratio)
+
+
+def _given(steps: float | int | str | None) -> bool:
+    """A warm-up other than none (0, "0.0", "0%")."""
+    if isinstance(steps, str):
+        try:
+            return float(steps.strip().removesuffix("%")) != 0
+        except ValueError:
+            return True  # reported by resolve_steps with the schedule
+    return bool(steps)
 
 
 def _check_args(name: str | None, args: dict[str, Any], *, min_lr_ratio: float | None) -> None:
