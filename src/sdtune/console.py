@@ -28,7 +28,6 @@ from sdtune.errors import UserError
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 FILE_FORMAT = "%(asctime)s %(levelname)-8s %(message)s"
 _LOG = logging.getLogger("sdtune.console")
-_ROOT_LEVEL = logging.getLogger().level  # restored by reset()
 
 
 class _Terminal(logging.Handler):
@@ -80,6 +79,7 @@ class _AppendFile(logging.Handler):
 _installed: list[tuple[logging.Logger, logging.Handler]] = []
 _file: _AppendFile | None = None
 _library_level: int | None = None
+_root_level: int | None = None  # the root logger's level before setup_console changed it
 
 
 def note(message: str, *, stderr: bool = False) -> None:
@@ -98,7 +98,7 @@ def log_error(message: str) -> None:
 def setup_console(level: str | None = None, log_file: str | Path | None = None, simple: bool = False) -> None:
     """Apply --console_log_level / --console_log_file / --console_log_simple (see the module doc).
     An unwritable log file is a UserError before anything else happens."""
-    global _file, _library_level
+    global _file, _library_level, _root_level
     if level is not None and level not in LEVELS:
         raise UserError(f"unknown level {level!r}", where="--console_log_level", fix=f"Use one of {', '.join(LEVELS)}.")
     handler = _AppendFile(Path(log_file), "%(message)s" if simple else FILE_FORMAT) if log_file else None
@@ -109,6 +109,7 @@ def setup_console(level: str | None = None, log_file: str | Path | None = None, 
         quiet_libraries()
         return
     root = logging.getLogger()
+    _root_level = root.level
     root.setLevel(number)
     if handler is not None:
         _file = handler
@@ -127,7 +128,7 @@ def setup_console(level: str | None = None, log_file: str | Path | None = None, 
 
 def reset() -> None:
     """Back to the default output (and the root logger's level before setup_console)."""
-    global _file, _library_level
+    global _file, _library_level, _root_level
     for logger, h in _installed:
         logger.removeHandler(h)
         h.close()
@@ -136,7 +137,9 @@ def reset() -> None:
     if _DEFAULT not in _LOG.handlers:
         _LOG.addHandler(_DEFAULT)
     _LOG.setLevel(logging.INFO)
-    logging.getLogger().setLevel(_ROOT_LEVEL)
+    if _root_level is not None:
+        logging.getLogger().setLevel(_root_level)
+        _root_level = None
     logging.captureWarnings(False)
     _route_libraries(propagate=False)
 

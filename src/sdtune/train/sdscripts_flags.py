@@ -3,6 +3,10 @@
 They are accepted by the parser (so the user is not told "unrecognized") and then refused with a
 message naming the flag, instead of being silently ignored as sd-scripts does with some of its own.
 The list shrinks as features land; a flag moves from here to a typed option when it acts.
+
+Every flag of sd-scripts' fine_tune.py parser is listed in sdscripts_fine_tune_flags.txt (generated
+from its parser by scripts/sdscripts_fine_tune_flags.py); tests/test_sdscripts_flags.py checks that
+each one is a typed option or refused here.
 """
 
 from __future__ import annotations
