@@ -8,7 +8,6 @@ import torch
 
 from sdtune.errors import UserError
 from sdtune.train.optim import (
-    build_lr_scheduler,
     build_optimizer,
     build_param_groups,
     eval_weights,
@@ -17,8 +16,8 @@ from sdtune.train.optim import (
     optimizer_train_mode,
     parse_optimizer_args,
     resolve_optimizer_name,
-    resolve_warmup,
 )
+from sdtune.train.schedules import build_lr_scheduler, resolve_warmup
 
 
 class Tiny(torch.nn.Module):
@@ -326,7 +325,7 @@ def test_resolve_warmup():
     ("linear", dict(warmup=2.5), "--lr_warmup_steps"),
     ("cosine", dict(num_cycles=2), "--lr_scheduler_num_cycles"),
     ("linear", dict(power=2.0), "--lr_scheduler_power"),
-    ("warmup_stable_decay", {}, "--lr_scheduler"),
+    ("exponential", {}, "--lr_scheduler"),
 ])
 def test_schedule_refusals(name, kw, where):
     opt = torch.optim.SGD(Tiny().parameters(), lr=1.0)

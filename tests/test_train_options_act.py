@@ -150,6 +150,19 @@ ELSEWHERE = {
         "validation_split", "validation_seed", "validate_every_n_steps")},
     **{k: "tests/test_train_outputs.py::test_validate_every_n_epochs_and_max_validation_steps" for k in (
         "validate_every_n_epochs", "max_validation_steps")},
+    # sd-scripts flags once refused or unrecognized (schedules, logging, counters, saves, ModelSpec, resize)
+    **{k: "tests/test_lr_schedules.py::test_schedules_act_in_training" for k in (
+        "lr_decay_steps", "lr_scheduler_min_lr_ratio", "lr_scheduler_type", "lr_scheduler_args")},
+    "lr_scheduler_timescale": "tests/test_lr_schedules.py::test_inverse_sqrt",
+    **{k: "tests/test_console.py::test_training_run_writes_its_log_file" for k in (
+        "console_log_file", "console_log_level")},
+    "console_log_simple": "tests/test_console.py::test_simple_puts_the_libraries_lines_on_stdout",
+    **{k: "tests/test_sdscripts_run_flags.py::test_initial_step_starts_the_counters_and_a_fresh_schedule" for k in (
+        "initial_step", "metadata_usage_hint", "metadata_thumbnail", "metadata_merged_from", "metadata_trigger_phrase",
+        "metadata_preprocessor", "metadata_is_negative_embedding")},
+    "initial_epoch": "tests/test_sdscripts_run_flags.py::test_initial_position_arithmetic",
+    "save_n_epoch_ratio": "tests/test_sdscripts_run_flags.py::test_save_n_epoch_ratio",
+    "resize_interpolation": "tests/test_sdscripts_run_flags.py::test_resize_interpolation_reaches_the_images",
 }
 
 # options that cannot behave differently on a CPU-only machine, and why

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 
+from sdtune.console import log_error
 from sdtune.errors import UserError
 
 # name -> (module, one-line help)
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if debug:
             raise
         sys.stderr.write(f"error: {exc.message}\n")
+        log_error(f"error: {exc.message}")  # also into --console_log_file, when the run opened one
         return 2
     except KeyboardInterrupt:
         if debug:

@@ -14,7 +14,6 @@ entry our own saves carry, else from the shipped config, else from SD's conventi
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from sdtune.errors import UserError
@@ -51,9 +50,11 @@ def load_model(path_or_id, *, v2: bool | None = None, v_parameterization: bool |
         raise UserError("model not found", where=str(path_or_id),
                         fix="Give a .safetensors/.ckpt file, a Diffusers folder, or a Hugging Face id (owner/name).")
     if verbose:
-        print(f"model: {model.source}: {model.family.title} ({model.detection})", file=sys.stderr)
+        from sdtune.console import note  # the level and log file of --console_log_* apply
+
+        note(f"model: {model.source}: {model.family.title} ({model.detection})", stderr=True)
         for line in found.warnings:
-            print(f"warning: {line}", file=sys.stderr)
+            note(f"warning: {line}", stderr=True)
     return model
 
 

@@ -7,6 +7,8 @@ precedence (subset > dataset > general > command line > default, see `toml_confi
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import field_validator, model_validator
 
 from sdtune.config import Field, Options
@@ -91,6 +93,8 @@ class DatasetOptions(Options):
     color_aug: bool = Field(False, "random hue / gamma shifts (not with latent caching)", group=G_AUG)
     random_crop: bool = Field(False, "random instead of centre crops (not with latent caching)", group=G_AUG)
     face_crop_aug_range: str | None = Field(None, "not supported by sdtune", group=G_AUG)
+    resize_interpolation: Literal["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box"] | None = Field(
+        None, "resize filter (default: area when shrinking, lanczos when enlarging)", group=G_AUG)
 
     cache_latents: bool = Field(False, "encode every image with the VAE once, before training, and keep the latents "
                                 "in memory", group=G_CACHE)

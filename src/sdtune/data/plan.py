@@ -6,7 +6,6 @@ latent cache, the sampler and the loader. No torch.
 from __future__ import annotations
 
 import math
-import sys
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -178,7 +177,9 @@ def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | 
     every image has a `train_resolution` trains each image in that bucket (unless
     `recorded_buckets=False`, for the step that records them).
     """
-    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    from sdtune.console import note  # the level and log file of --console_log_* apply
+
+    warn = warn or (lambda msg: note(f"warning: {msg}", stderr=True))
     if options.caches_latents and (options.color_aug or options.random_crop):
         _refuse_cached_aug("the command line", options.color_aug)
     specs = dataset_specs(options, default_resolution=default_resolution)

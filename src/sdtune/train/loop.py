@@ -33,11 +33,11 @@ def train(opts: TrainOptions) -> TrainResult:
     import torch
 
     from sdtune.checkpoint import build_modelspec, load_vae
-    from sdtune.console import quiet_libraries
+    from sdtune.console import note as console_note, setup_console
     from sdtune.data import BucketBatchSampler, ensure_latent_cache, make_loader, sample_latents
     from sdtune.text import CaptionOptions, TextConditioner, build_caption, process_caption
     from sdtune.text.encode import clip_skip_note
-    from sdtune.train import logs, optim, sampling, state, validation
+    from sdtune.train import logs, optim, sampling, schedules, state, validation
     from sdtune.train.ema import EMA
     from sdtune.train.noise import DiffusionObjective
     from sdtune.train.prompts import load_prompts
@@ -46,11 +46,11 @@ def train(opts: TrainOptions) -> TrainResult:
                                     diverged, make_accelerator, mem_eff_context, save_trained, text_embedding_cache,
                                     weight_dtype)
 
-    quiet_libraries()
+    setup_console(opts.console_log_level, opts.console_log_file, opts.console_log_simple)
     started = time.time()
-    accelerator = make_accelerator(opts, print)
+    accelerator = make_accelerator(opts, console_note)
     main = accelerator.is_main_process
-    note = print if main else (lambda *a, **k: None)
+    note = console_note if main else (lambda *a, **k: None)
     seed, world, rank = opts.effective_seed, accelerator.num_processes, accelerator.process_index
     device, accum = accelerator.device, opts.gradient_accumulation_steps
     options_dict = opts.model_dump(mode="json")
@@ -156,9 +156,7 @@ def train(opts: TrainOptions) -> TrainResult:
     optimizer = optim.build_optimizer(opts.effective_optimizer, groups, opts.learning_rate, opts.optimizer_args, note=note)
     if opts.full_bf16:  # the same rounding draws on every process keeps the replicas identical
         optim.add_bf16_stochastic_rounding(optimizer, torch.Generator(device).manual_seed(derive_seed(seed, 0xBF16)))
-    lr_scheduler = optim.build_lr_scheduler(opts.lr_scheduler, optimizer, warmup=opts.lr_warmup_steps,
-                                            total_steps=max_steps, num_processes=world,
-                                            num_cycles=opts.lr_scheduler_num_cycles, power=opts.lr_scheduler_power)
+    lr_scheduler = schedules.scheduler_from_options(opts, optimizer, total_steps=max_steps, num_processes=world, note=note)
     if train_te:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
         conditioner.text_encoder = text_encoder
@@ -179,11 +177,15 @@ def train(opts: TrainOptions) -> TrainResult:
         if length_changed:
             state.follow_new_length(lr_scheduler)
         note(f"resumed from {opts.resume}: step {position.global_step}, epoch {position.epoch + 1}, batch {position.batch}")
+    start = opts.initial_position(steps_per_epoch, max_steps, position.global_step if opts.resume else None)
+    if start:  # --initial_step / --initial_epoch: counters only, no data replayed
+        position = state.Position(start[0], start[1], 0)
+        note(start[2])
 
     # --- outputs
     name, epoch_name, step_name = default_names(opts.output_name)
     out_dir = Path(opts.output_dir)
-    policy = SavePolicy(name, out_dir, opts.save_format, opts.save_every_n_epochs, opts.save_every_n_steps,
+    policy = SavePolicy(name, out_dir, opts.save_format, opts.save_every_n_epochs_for(epochs), opts.save_every_n_steps,
                         opts.save_last_n_epochs, opts.save_last_n_steps, opts.save_last_n_epochs_state,
                         opts.save_last_n_steps_state, opts.save_state, epoch_name, step_name)
     settings = logs.trained_settings(plan.datasets, clip_skip=conditioner.layer.clip_skip, num_processes=world,
@@ -212,9 +214,7 @@ def train(opts: TrainOptions) -> TrainResult:
         meta = build_modelspec(model.family, title=opts.metadata_title or stem, resolution=(w, h),
                                clip_skip=settings["clip_skip"], training={"steps": step, "epochs": epoch, "seed": seed,
                                                                           "learning_rate": opts.learning_rate, **settings})
-        meta.update({f"modelspec.{k}": v for k, v in (("author", opts.metadata_author),
-                     ("description", opts.metadata_description), ("license", opts.metadata_license),
-                     ("tags", opts.metadata_tags)) if v})
+        meta.update(opts.modelspec_fields())
         u, t = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if train_te else model.text_encoder
         with optim.eval_weights(optimizer):
             outputs.append(save_trained(model, policy.model_path(stem), unet=u, text_encoder=t, opts=opts,
@@ -263,8 +263,8 @@ def train(opts: TrainOptions) -> TrainResult:
     global_step, losses, micro, stopped = position.global_step, [], [], False
     epochs_done = position.epoch  # for the summary and ModelSpec: epochs begun, as before
     scaling = model.vae.config.scaling_factor
-    if schedule.at_start() and global_step == 0:
-        sample(0)
+    if schedule.at_start() and (global_step == 0 or not opts.resume):
+        sample(global_step)
     with StopRequest() as stop:
         for epoch in range(position.epoch, epochs):
             sampler.set_epoch(epoch, position.batch if epoch == position.epoch else 0)

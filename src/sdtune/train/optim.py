@@ -5,8 +5,8 @@
     optimizer = build_optimizer(resolve_optimizer_name(opts.optimizer_type, opts.use_8bit_adam,
                                                        opts.use_lion_optimizer),
                                 groups, opts.learning_rate, opts.optimizer_args)
-    scheduler = build_lr_scheduler(opts.lr_scheduler, optimizer, warmup=opts.lr_warmup_steps,
-                                   total_steps=max_steps, num_processes=accelerator.num_processes, ...)
+    scheduler = schedules.scheduler_from_options(opts, optimizer, total_steps=max_steps,
+                                                 num_processes=accelerator.num_processes)
     ...
     with eval_weights(optimizer):   # schedule-free optimizers: sample and save the averaged weights
         sample(); save()
@@ -16,10 +16,7 @@ other name is a class path ("torch.optim.RAdam", "mypkg.MyOpt") or a bare `torch
 Optional packages (bitsandbytes, lion-pytorch, prodigyopt, schedulefree, dadaptation) are imported
 only when named, and a missing one is a UserError saying what to install.
 
-Learning-rate schedules come from diffusers (`get_scheduler`). Every step count is multiplied by the
-number of processes, because accelerate steps a prepared scheduler once per process for each
-optimizer step; sd-scripts forgets this for integer warm-ups (its bug #19), which shortens the
-warm-up on N GPUs by a factor N.
+Learning-rate schedules are in sdtune.train.schedules.
 """
 
 from __future__ import annotations
@@ -80,7 +77,6 @@ OPTIMIZER_NAMES = ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedA
                    "PagedLion8bit", "SGDNesterov", "SGDNesterov8bit", "Adafactor", "Prodigy", "AdamWScheduleFree",
                    "RAdamScheduleFree", "SGDScheduleFree", "DAdaptation", "DAdaptAdamPreprint", "DAdaptAdaGrad",
                    "DAdaptAdam", "DAdaptAdan", "DAdaptAdanIP", "DAdaptLion", "DAdaptSGD")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 def resolve_optimizer_name(optimizer_type: str | None, use_8bit_adam: bool = False, use_lion_optimizer: bool = False) -> str:
@@ -132,28 +128,36 @@ _BARE_WORD = re.compile(r"^[A-Za-z_][\w.\-]*$")
 def parse_optimizer_args(items: Iterable[str]) -> dict[str, Any]:
     """`key=value` strings to keyword arguments; values are Python literals (`betas=(0.9,0.99)`,
     `weight_decay=0.01`, `decouple=True`); true/false/none in any case and bare words are accepted."""
+    kwargs = parse_key_values(items, "--optimizer_args")
+    if "lr" in kwargs:
+        raise UserError("the learning rate is not an optimizer argument", where="--optimizer_args",
+                        fix="Use --learning_rate (and --learning_rate_te).")
+    return kwargs
+
+
+def parse_key_values(items: Iterable[str], where: str, *, text_fallback: bool = False) -> dict[str, Any]:
+    """`key=value` strings (optimizer or scheduler arguments) to keyword arguments. Values are Python
+    literals, true/false/none in any case, or bare words; with `text_fallback` any other value is
+    kept as text instead of refused."""
     kwargs: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         key, text = key.strip(), text.strip()
         if not sep or not key.isidentifier():
-            raise UserError(f"expected key=value, got {item!r}", where="--optimizer_args",
-                            fix="Write e.g. --optimizer_args weight_decay=0.01 betas=0.9,0.999")
+            raise UserError(f"expected key=value, got {item!r}", where=where,
+                            fix=f"Write e.g. {where} weight_decay=0.01 betas=0.9,0.999")
         if key in kwargs:
-            raise UserError(f"{key!r} is given twice", where="--optimizer_args")
-        if key == "lr":
-            raise UserError("the learning rate is not an optimizer argument", where="--optimizer_args",
-                            fix="Use --learning_rate (and --learning_rate_te).")
+            raise UserError(f"{key!r} is given twice", where=where)
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             lowered = text.lower()
             if lowered in ("true", "false", "none"):
                 value = {"true": True, "false": False, "none": None}[lowered]
-            elif _BARE_WORD.match(text):
-                value = text  # a plain string option of a custom optimizer
+            elif _BARE_WORD.match(text) or text_fallback:
+                value = text  # a plain string option of a custom class
             else:
-                raise UserError(f"{key}={text!r} is not a Python literal", where="--optimizer_args",
+                raise UserError(f"{key}={text!r} is not a Python literal", where=where,
                                 fix="Use numbers, True/False, tuples like 0.9,0.999, or quoted strings.") from None
         kwargs[key] = value
     return kwargs
@@ -188,13 +192,16 @@ def _import_class(name: str, spec: OptimizerSpec | None) -> type:
     return cls
 
 
-def _accepted(cls: type) -> str:
+def accepted_arguments(func: Any, skip: Iterable[str] = ("self", "params", "lr")) -> str:
+    """" X accepts: a, b." for an error message: the keyword arguments of a class or function."""
+    target = func.__init__ if isinstance(func, type) else func
+    skip = {"self", *skip}
     try:
-        names = [n for n, p in inspect.signature(cls.__init__).parameters.items()
-                 if n not in ("self", "params", "lr") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        names = [n for n, p in inspect.signature(target).parameters.items()
+                 if n not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     except (TypeError, ValueError):
         return ""
-    return f" {cls.__name__} accepts: {', '.join(names)}." if names else ""
+    return f" {func.__name__} accepts: {', '.join(names)}." if names else ""
 
 
 def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, optimizer_args: Iterable[str] = (),
@@ -242,7 +249,7 @@ def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, op
     try:
         optimizer = cls(groups, lr=opt_lr, **kwargs)
     except TypeError as exc:
-        raise UserError(f"{cls.__name__} rejected the arguments ({exc}).{_accepted(cls)}", where="--optimizer_args") from None
+        raise UserError(f"{cls.__name__} rejected the arguments ({exc}).{accepted_arguments(cls)}", where="--optimizer_args") from None
     except ValueError as exc:
         raise UserError(f"{cls.__name__} rejected the arguments ({exc})", where="--optimizer_args") from None
     if relative_step:
@@ -294,82 +301,6 @@ def eval_weights(optimizer: Any) -> Iterator[None]:
         yield
     finally:
         optimizer_train_mode(optimizer)
-
-
-# ---------------------------------------------------------------- learning-rate schedule
-
-
-def resolve_warmup(warmup: float | int | str | None, total_steps: int) -> int:
-    """Warm-up in optimizer steps: a count, a fraction < 1 of `total_steps`, or "N%" (as sd-scripts)."""
-    if warmup is None:
-        return 0
-    if isinstance(warmup, str):
-        text = warmup.strip()
-        try:
-            warmup = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-        except ValueError:
-            raise UserError(f"{text!r} is not a number or percentage", where="--lr_warmup_steps") from None
-    if warmup < 0:
-        raise UserError(f"must be >= 0, got {warmup:g}", where="--lr_warmup_steps")
-    if warmup < 1:
-        return int(warmup * total_steps)
-    if warmup != int(warmup):
-        raise UserError(f"{warmup:g} is neither a step count nor a fraction below 1", where="--lr_warmup_steps",
-                        fix="Give a whole number of steps, or a fraction like 0.05.")
-    steps = int(warmup)
-    if steps > total_steps:
-        raise UserError(f"{steps} warm-up steps exceed the {total_steps} training steps", where="--lr_warmup_steps",
-                        fix="Lower it, or give a fraction like 0.05.")
-    return steps
-
-
-def build_lr_scheduler(name: str, optimizer: "torch.optim.Optimizer", *, warmup: float | int | str | None = 0,
-                       total_steps: int, num_processes: int = 1, num_cycles: int | None = None,
-                       power: float | None = None, note: Note | None = print):
-    """diffusers' schedule `name`, in optimizer steps; pass it to `accelerator.prepare` with the optimizer.
-
-    `num_processes` must be the accelerate world size: the prepared scheduler advances that many
-    times per optimizer step, so warm-up and total are scaled by it here.
-    """
-    if name not in LR_SCHEDULERS:
-        raise UserError(f"unknown schedule {name!r}", where="--lr_scheduler", fix=f"Use one of {', '.join(LR_SCHEDULERS)}.")
-    if total_steps < 1 or num_processes < 1:
-        raise ValueError("total_steps and num_processes must be >= 1")
-    if num_cycles is not None and name != "cosine_with_restarts":
-        raise UserError(f"only acts with --lr_scheduler cosine_with_restarts, not {name}", where="--lr_scheduler_num_cycles")
-    if power is not None and name != "polynomial":
-        raise UserError(f"only acts with --lr_scheduler polynomial, not {name}", where="--lr_scheduler_power")
-    if num_cycles is not None and num_cycles < 1:
-        raise UserError(f"must be >= 1, got {num_cycles}", where="--lr_scheduler_num_cycles")
-    warmup_steps = resolve_warmup(warmup, total_steps)
-    if warmup_steps and name == "constant":
-        raise UserError("--lr_scheduler constant has no warm-up", where="--lr_warmup_steps",
-                        fix="Use --lr_scheduler constant_with_warmup, or drop --lr_warmup_steps.")
-
-    if is_relative_step_adafactor(optimizer):
-        if name != "constant" or warmup_steps:
-            raise UserError(f"Adafactor with relative_step=True computes its own learning rate, so --lr_scheduler {name} "
-                            "and --lr_warmup_steps would be ignored", where="--lr_scheduler",
-                            fix="Use --lr_scheduler constant, or pass --optimizer_args relative_step=False "
-                                "scale_parameter=False warmup_init=False.")
-        from transformers.optimization import AdafactorSchedule
-
-        # a proxy that reports Adafactor's own step size for logging; stepping it changes nothing
-        return AdafactorSchedule(_unwrap(optimizer), getattr(_unwrap(optimizer), "sdtune_initial_lr", 0.0))
-
-    if is_schedule_free(optimizer) and (name != "constant" or warmup_steps) and note:
-        note(f"schedule-free optimizers are designed for a constant learning rate; --lr_scheduler {name} still "
-             "scales it (their own warm-up is --optimizer_args warmup_steps=N)")
-
-    from diffusers.optimization import get_scheduler
-
-    try:
-        return get_scheduler(name, _unwrap(optimizer), num_warmup_steps=warmup_steps * num_processes,
-                             num_training_steps=total_steps * num_processes,
-                             num_cycles=1 if num_cycles is None else int(num_cycles),
-                             power=1.0 if power is None else float(power))
-    except ValueError as exc:  # e.g. polynomial decay with a learning rate below its end value 1e-7
-        raise UserError(f"cannot build the {name} schedule ({exc})", where="--lr_scheduler") from None
 
 
 # ---------------------------------------------------------------- bf16 weights: stochastic rounding

@@ -12,6 +12,7 @@ from pydantic import field_validator, model_validator
 
 from sdtune.config import Field, Options
 from sdtune.data.options import DatasetOptions
+from sdtune.train.schedules import LR_SCHEDULERS
 
 SAVE_EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "diffusers": "", "diffusers_safetensors": ""}
 
@@ -42,11 +43,27 @@ class TrainingOptions(Options):
     train_text_encoder: bool = Field(False, "also train the text encoder", group="Training")
     learning_rate_te: float | None = Field(None, "learning rate of the text encoder (default: --learning_rate)",
                                            group="Training", gt=0)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = Field(
-        "constant", "learning-rate schedule", group="Training")
+    lr_scheduler: Literal[LR_SCHEDULERS] = Field("constant", "learning-rate schedule", group="Training")
     lr_warmup_steps: float | str = Field(0.0, "warm-up: a step count, a fraction < 1 of the steps, or 'N%'", group="Training")
-    lr_scheduler_num_cycles: int | None = Field(None, "cosine_with_restarts: number of cycles (default: 1)", group="Training", ge=1)
+    lr_scheduler_num_cycles: int | None = Field(
+        None, "cosine_with_restarts: number of cycles; cosine_with_min_lr, warmup_stable_decay: half-waves of the "
+        "cosine (default: 1)", group="Training", ge=1)
     lr_scheduler_power: float | None = Field(None, "polynomial: power of the decay (default: 1.0)", group="Training", gt=0)
+    lr_decay_steps: float | str | None = Field(
+        None, "warmup_stable_decay: decay steps at the end, a step count, a fraction < 1 of the steps, or 'N%' "
+        "(default: 0)", group="Training")
+    lr_scheduler_timescale: int | None = Field(
+        None, "inverse_sqrt: timescale in steps (default: the warm-up steps, or 10000 without warm-up)",
+        group="Training", ge=1)
+    lr_scheduler_min_lr_ratio: float | None = Field(
+        None, "cosine_with_min_lr (required there), warmup_stable_decay: the lowest learning rate as a fraction of "
+        "--learning_rate", group="Training", ge=0, le=1)
+    lr_scheduler_type: str | None = Field(
+        None, "a scheduler class instead of --lr_scheduler: a torch.optim.lr_scheduler name (StepLR) or a class path "
+        "(mypkg.MySchedule); its steps are optimizer steps", group="Training", metavar="CLASS")
+    lr_scheduler_args: list[str] = Field(
+        [], "scheduler arguments as key=value: for --lr_scheduler_type, or extra ones of the --lr_scheduler function "
+        "(piecewise_constant: step_rules=1:100,0.5:200,0.1)", group="Training", metavar="K=V")
     full_fp16: bool = Field(False, "U-Net (and trained text encoder) weights in float16, with a gradient scaler; needs "
                             "--mixed_precision fp16 and a CUDA GPU", group="Training")
     full_bf16: bool = Field(False, "U-Net (and trained text encoder) weights in bfloat16, updated with stochastic "
@@ -68,6 +85,21 @@ class TrainingOptions(Options):
 
         parse_optimizer_args(value)
         return value
+
+    @field_validator("lr_scheduler_args")
+    @classmethod
+    def _scheduler_kv(cls, value: list[str]) -> list[str]:
+        from sdtune.train.schedules import parse_scheduler_args
+
+        parse_scheduler_args(value)
+        return value
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        from sdtune.train.schedules import check_schedule_options
+
+        check_schedule_options(self)
+        return self
 
     @model_validator(mode="after")
     def _full_precision(self):
@@ -105,6 +137,8 @@ class NoiseLossOptions(Options):
 
 class RunOptions(Options):
     save_every_n_epochs: int | None = Field(None, "save the model every N epochs", group="Saving", ge=1)
+    save_n_epoch_ratio: int | None = Field(
+        None, "save at least N times over the run: every max(1, epochs // N) epochs (0 = off)", group="Saving", ge=0)
     save_every_n_steps: int | None = Field(None, "save the model every N steps", group="Saving", ge=1)
     save_last_n_epochs: int | None = Field(None, "keep only the last N epoch saves", group="Saving", ge=1)
     save_last_n_steps: int | None = Field(None, "keep only the step saves of the last N steps", group="Saving", ge=1)
@@ -114,6 +148,12 @@ class RunOptions(Options):
     save_last_n_steps_state: int | None = Field(None, "keep only the states of the last N steps (default: as models)", group="Saving", ge=1)
     resume: str | None = Field(None, "continue from a state folder written by --save_state", group="Saving", metavar="DIR")
     resume_allow_changes: bool = Field(False, "resume even if options that change training differ", group="Saving")
+    initial_epoch: int | None = Field(
+        None, "count epochs from N (1 = the first): training starts at epoch N from its first batch, the step "
+        "counter at (N-1) x steps per epoch; the learning-rate schedule starts over unless --resume", group="Saving", ge=1)
+    initial_step: int | None = Field(
+        None, "count steps from N: training starts at step N, in the epoch that holds it, from that epoch's first "
+        "batch (no data is skipped); the learning-rate schedule starts over unless --resume", group="Saving", ge=0)
     ema: bool = Field(False, "keep an exponential moving average of the U-Net weights", group="EMA")
     ema_decay: float = Field(0.9999, "EMA decay per update", group="EMA", gt=0, lt=1)
     ema_update_every: int = Field(1, "update the EMA every N optimizer steps", group="EMA", ge=1)
@@ -152,6 +192,14 @@ class LoggingOptions(Options):
     log_config: bool = Field(False, "record the options (without secrets) in the tracker", group="Logging")
     wandb_run_name: str | None = Field(None, "wandb run name", group="Logging")
     wandb_api_key: str | None = Field(None, "wandb API key (prefer the WANDB_API_KEY environment variable)", group="Logging")
+    console_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = Field(
+        None, "hide lines below this level: sdtune's (its notes are warnings), the libraries' and Python warnings "
+        "(default: INFO)", group="Logging")
+    console_log_file: str | None = Field(
+        None, "append the log lines to this file instead of the terminal (the progress bar stays)", group="Logging",
+        metavar="FILE")
+    console_log_simple: bool = Field(False, "plain log lines: the libraries' on stdout with sdtune's; in "
+                                     "--console_log_file the message without time and level", group="Logging")
 
 
 class SavingOptions(Options):
@@ -169,6 +217,13 @@ class SavingOptions(Options):
     metadata_description: str | None = Field(None, "ModelSpec description", group="Saving")
     metadata_license: str | None = Field(None, "ModelSpec license", group="Saving")
     metadata_tags: str | None = Field(None, "ModelSpec tags, comma-separated", group="Saving")
+    metadata_usage_hint: str | None = Field(None, "ModelSpec usage hint (a very short how-to)", group="Saving")
+    metadata_thumbnail: str | None = Field(None, "ModelSpec thumbnail: an image file (stored as a data URL) or a data "
+                                           "URL", group="Saving", metavar="FILE")
+    metadata_merged_from: str | None = Field(None, "ModelSpec: the models this one was merged from", group="Saving")
+    metadata_trigger_phrase: str | None = Field(None, "ModelSpec trigger phrase", group="Saving")
+    metadata_preprocessor: str | None = Field(None, "ModelSpec preprocessor", group="Saving")
+    metadata_is_negative_embedding: str | None = Field(None, "ModelSpec is_negative_embedding", group="Saving")
 
     @field_validator("output_name")
     @classmethod
@@ -176,6 +231,32 @@ class SavingOptions(Options):
         if value is not None and (not value or "/" in value or "\\" in value):
             raise ValueError("must be a plain file name without folders")
         return value
+
+    @field_validator("metadata_thumbnail")
+    @classmethod
+    def _thumbnail(cls, value: str | None) -> str | None:
+        from pathlib import Path
+
+        if value and not value.startswith("data:") and not Path(value).is_file():
+            raise ValueError(f"{value} is neither an image file nor a data: URL")
+        return value
+
+    def modelspec_fields(self) -> dict[str, str]:
+        """The ModelSpec keys the metadata_* options set (a thumbnail file becomes a data URL, as in sd-scripts)."""
+        import base64
+        import mimetypes
+
+        out = {}
+        for key in ("author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
+                    "trigger_phrase", "preprocessor", "is_negative_embedding"):
+            value = getattr(self, f"metadata_{key}")
+            if key == "thumbnail" and value and not value.startswith("data:"):
+                mime = mimetypes.guess_type(value)[0] or "application/octet-stream"
+                with open(value, "rb") as fh:
+                    value = f"data:{mime};base64,{base64.b64encode(fh.read()).decode('ascii')}"
+            if value:
+                out[f"modelspec.{key}"] = value
+        return out
 
     @property
     def save_format(self) -> str:
@@ -209,7 +290,40 @@ class TrainOptions(ModelOptions, DatasetOptions, TrainingOptions, NoiseLossOptio
             raise UserError("--use_safetensors contradicts --save_model_as ckpt", fix="Drop one of them.")
         if not self.output_dir and not self.dry_run:
             raise UserError("no output folder given", where="--output_dir", fix="Pass --output_dir DIR.")
+        if self.initial_step is not None and self.initial_epoch is not None:
+            raise UserError("--initial_step and --initial_epoch both set where training starts", where="--initial_epoch",
+                            fix="Keep one of them (sd-scripts lets --initial_step win).")
+        if self.save_n_epoch_ratio and self.save_every_n_epochs:
+            raise UserError("--save_n_epoch_ratio sets the epochs between saves, so --save_every_n_epochs would be "
+                            "ignored", where="--save_n_epoch_ratio", fix="Keep one of them.")
         return self
+
+    def initial_position(self, steps_per_epoch: int, max_steps: int, resumed_step: int | None = None):
+        """(global step, 0-based epoch, note) where --initial_step / --initial_epoch start training;
+        None without them. The epoch is the one holding the step, from its first batch."""
+        from sdtune.errors import UserError
+
+        if self.initial_step is None and self.initial_epoch is None:
+            return None
+        flag = "--initial_step" if self.initial_step is not None else "--initial_epoch"
+        step = self.initial_step if self.initial_step is not None else (self.initial_epoch - 1) * steps_per_epoch
+        if step >= max_steps:
+            raise UserError(f"starts at step {step}, but training ends at step {max_steps}", where=flag,
+                            fix="Raise --max_train_steps (or --max_train_epochs), or start earlier.")
+        epoch = step // steps_per_epoch
+        text = (f"{flag}: counting from step {step}, training epoch {epoch + 1} from its first batch; "
+                f"{max_steps - step} steps to go")
+        if resumed_step is not None:
+            text += f" (the state's own position, step {resumed_step}, is not used)"
+        else:
+            text += " (the learning-rate schedule starts from its beginning)"
+        return step, epoch, text
+
+    def save_every_n_epochs_for(self, epochs: int) -> int | None:
+        """--save_every_n_epochs, or sd-scripts' --save_n_epoch_ratio N: every max(1, epochs // N) epochs."""
+        if self.save_n_epoch_ratio:
+            return max(1, epochs // self.save_n_epoch_ratio)
+        return self.save_every_n_epochs
 
     @property
     def effective_optimizer(self) -> str:

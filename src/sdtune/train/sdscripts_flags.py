@@ -3,6 +3,10 @@
 They are accepted by the parser (so the user is not told "unrecognized") and then refused with a
 message naming the flag, instead of being silently ignored as sd-scripts does with some of its own.
 The list shrinks as features land; a flag moves from here to a typed option when it acts.
+
+Every flag of sd-scripts' fine_tune.py parser is listed in sdscripts_fine_tune_flags.txt (generated
+from its parser by scripts/sdscripts_fine_tune_flags.py); tests/test_sdscripts_flags.py checks that
+each one is a typed option or refused here.
 """
 
 from __future__ import annotations
@@ -24,21 +28,29 @@ NOT_SUPPORTED: dict[str, str] = {
     "dataset_class": "custom dataset classes are not supported; use a dataset TOML",
     "debug_dataset": "the OpenCV dataset viewer is not supported; use --dry_run to inspect buckets",
     "huggingface_repo_id": "uploading to the Hugging Face hub is not supported",
+    **{name: "uploading to the Hugging Face hub is not supported" for name in (
+        "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token", "huggingface_repo_visibility",
+        "save_state_to_huggingface", "async_upload")},
+    "caption_extension": "fine-tuning reads captions from the metadata file (sd-scripts' fine_tune.py ignores this "
+                         "flag too); to gather caption files into one, use sdtune merge --caption_extension",
+    "caption_extention": "fine-tuning reads captions from the metadata file (sd-scripts' fine_tune.py ignores this "
+                         "flag too); to gather caption files into one, use sdtune merge --caption_extension",
+    "cache_info": "it caches DreamBooth folder scans, which fine-tuning does not make (sd-scripts' fine_tune.py "
+                  "ignores it too)",
     "resume_from_huggingface": "resuming from the Hugging Face hub is not supported",
     "lowram": "--lowram is not supported",
     "highvram": "--highvram is not supported",
     "tokenizer_cache_dir": "not needed: sdtune ships its tokenizers",
-    "skip_until_initial_step": "not needed: --resume continues at the exact batch where the state was saved",
+    "skip_until_initial_step": "not needed: --resume continues at the exact batch where the state was saved "
+                               "(--initial_step only sets the counters, as without this flag in sd-scripts)",
 }
 
 # Flags that sd-scripts documents and sdtune will implement (tracked in the issues); refused until then.
 PLANNED: dict[str, str] = {
     name: "not implemented yet in this version of sdtune"
     for name in (
-        "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "lr_scheduler_timescale",
-        "lr_scheduler_min_lr_ratio", "save_n_epoch_ratio",
         "torch_compile", "dynamo_backend", "ddp_timeout",
-        "ddp_gradient_as_bucket_view", "ddp_static_graph", "output_config",
+        "ddp_gradient_as_bucket_view", "ddp_static_graph",
         "fp16_master_weights_and_gradients",
     )
 }

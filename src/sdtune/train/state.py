@@ -39,7 +39,11 @@ MAY_CHANGE = {
     "sample_sampler", "metadata_title", "metadata_author", "metadata_description", "metadata_license",
     "metadata_tags", "max_data_loader_n_workers", "persistent_data_loader_workers", "vae_batch_size",
     "skip_cache_check", "cache_dir", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
-    "strict",
+    "strict", "save_n_epoch_ratio", "console_log_level", "console_log_file", "console_log_simple",
+    "metadata_usage_hint", "metadata_thumbnail", "metadata_merged_from", "metadata_trigger_phrase",
+    "metadata_preprocessor", "metadata_is_negative_embedding",
+    # where a run starts counting: a state saved by a run started with --initial_step resumes without it
+    "initial_step", "initial_epoch",
     # where the images and their metadata are: the dataset itself is compared by its fingerprint
     # (dataset_fingerprint), so a moved folder resumes and a changed one is refused
     "train_data_dir", "in_json",
