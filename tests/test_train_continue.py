@@ -63,11 +63,15 @@ CASES = {"mid-epoch": (2, {"global_step": 2, "epoch": 0, "batch": 4, "micro_step
 @pytest.fixture(scope="module")
 def straight(ws):
     """6 steps in one run. With a constant schedule its step-4 save (model and state) is what a 4-step
-    run ends with, so one run serves as the 2N reference of both cases."""
+    run ends with, so one run serves as the 2N reference of both cases. Without --output_name, so that
+    it also shows the default save names."""
     out = ws / "straight"
-    assert main(_args(ws, out, 6, "--save_every_n_steps", "4")) == 0
-    return {4: (out / "N-step00000004.safetensors", out / "N-step00000004-state"),
-            6: (out / "N.safetensors", out / "N-state")}
+    args = _args(ws, out, 6, "--save_every_n_steps", "4", "--save_every_n_epochs", "1")
+    i = args.index("--output_name")
+    del args[i:i + 2]
+    assert main(args) == 0
+    return {4: (out / "at-step00000004.safetensors", out / "at-step00000004-state"),
+            6: (out / "last.safetensors", out / "last-state")}
 
 
 @pytest.fixture(scope="module")
@@ -174,13 +178,11 @@ def test_a_cosine_run_continued_trains_at_once(ws, tmp_path, capsys):
     assert [k for k in _unequal(a, b) if k.startswith("model.diffusion_model.")]
 
 
-def test_without_output_name_the_saves_have_sd_scripts_names(ws, tmp_path):
-    args = _args(ws, tmp_path, 4, "--save_every_n_steps", "2", "--save_every_n_epochs", "1")
-    i = args.index("--output_name")
-    del args[i:i + 2]
-    assert main(args) == 0
-    # sd-scripts' train_util: "{}-{:06d}" with "epoch", "{}-step{:08d}" with "at", "{}-state" with "last"
-    saves = [p.name for p in tmp_path.iterdir() if p.name.endswith(("-state", ".safetensors")) and "-ema" not in p.name]
+def test_without_output_name_the_saves_have_sd_scripts_names(straight):
+    out = straight[6][0].parent
+    # sd-scripts' train_util: "{}-{:06d}" with "epoch", "{}-step{:08d}" with "at", "{}-state" with "last";
+    # epoch 1 ends at step 3, epoch 2 (the last) and step 6 are the final save
+    saves = [p.name for p in out.iterdir() if p.name.endswith(("-state", ".safetensors")) and "-ema" not in p.name]
     assert sorted(saves) == [
-        "at-step00000002-state", "at-step00000002.safetensors", "epoch-000001-state", "epoch-000001.safetensors",
+        "at-step00000004-state", "at-step00000004.safetensors", "epoch-000001-state", "epoch-000001.safetensors",
         "last-state", "last.safetensors"]
