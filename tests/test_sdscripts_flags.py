@@ -111,8 +111,8 @@ def test_config_file_key_is_an_option_or_refused(dest, tmp_path):
 def test_refused_lists_name_only_sd_scripts_flags_or_their_keys():
     """A refusal for a flag that sd-scripts' fine_tune.py does not have would be dead text."""
     known = {d for _f, _a, d in FLAGS}
-    # sd-scripts' other trainers define these; sdtune explains them for users coming from there
-    other_trainers = {"skip_until_initial_step", "fp16_master_weights_and_gradients"}
+    # sd-scripts' other trainers define it; sdtune explains it for users coming from there
+    other_trainers = {"skip_until_initial_step"}
     assert set(sdscripts_flags.NOT_SUPPORTED) | set(sdscripts_flags.PLANNED) <= known | other_trainers
 
 

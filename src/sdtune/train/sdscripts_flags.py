@@ -23,6 +23,8 @@ NOT_SUPPORTED: dict[str, str] = {
     "offload_param_nvme_path": "DeepSpeed is not supported",
     "zero3_init_flag": "DeepSpeed is not supported",
     "zero3_save_16bit_model": "DeepSpeed is not supported",
+    "fp16_master_weights_and_gradients": "DeepSpeed is not supported (a ZeRO option); for float16 weights use "
+                                         "--full_fp16, for bfloat16 --full_bf16",
     "fp8_base": "fp8 base weights are not supported for full fine-tuning",
     "fused_backward_pass": "the fused backward pass is not supported",
     "dataset_class": "custom dataset classes are not supported; use a dataset TOML",
@@ -51,7 +53,6 @@ PLANNED: dict[str, str] = {
     for name in (
         "torch_compile", "dynamo_backend", "ddp_timeout",
         "ddp_gradient_as_bucket_view", "ddp_static_graph",
-        "fp16_master_weights_and_gradients",
     )
 }
 
