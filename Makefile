@@ -18,7 +18,7 @@ LATEST     ?= .venv-latest
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: demo test venv clean test-latest lock
+.PHONY: demo test venv clean test-latest lock test-sdscripts
 
 venv: $(STAMP)
 
@@ -45,6 +45,12 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-constraint.txt -e ".[dev]"
 	$(LATEST)/bin/python -m pip list --format=freeze 2>/dev/null | grep -i -E '^(accelerate|diffusers|transformers|tokenizers|safetensors|huggingface.hub|pydantic|bitsandbytes)=='
 	$(LATEST)/bin/python -m pytest -n 2 -q $(PYTEST_ARGS)
+
+# The checks that run sd-scripts itself beside sdtune (its own venv and source tree, e.g. set up by the
+# peer bench): make test-sdscripts SDSCRIPTS_PYTHON=/path/venv-kohya/bin/python SDSCRIPTS_DIR=/path/sd-scripts
+test-sdscripts: $(STAMP)
+	@test -n "$(SDSCRIPTS_PYTHON)" -a -n "$(SDSCRIPTS_DIR)" || { echo "set SDSCRIPTS_PYTHON and SDSCRIPTS_DIR"; exit 2; }
+	SDTUNE_SDSCRIPTS_PYTHON=$(SDSCRIPTS_PYTHON) SDTUNE_SDSCRIPTS_DIR=$(SDSCRIPTS_DIR) $(BIN)/python -m pytest -q -m sdscripts $(PYTEST_ARGS)
 
 # Record the versions of .venv-latest (after `make test-latest` passed) as the lock.
 lock:

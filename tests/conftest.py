@@ -83,3 +83,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _sdscripts_environment(request):
+    """Tests marked sdscripts are deselected by default; selected, they need sd-scripts' Python."""
+    if request.node.get_closest_marker("sdscripts") and not os.environ.get("SDTUNE_SDSCRIPTS_PYTHON"):
+        pytest.fail("set SDTUNE_SDSCRIPTS_PYTHON (sd-scripts' venv Python) and SDTUNE_SDSCRIPTS_DIR (its source "
+                    "tree), e.g. through `make test-sdscripts SDSCRIPTS_PYTHON=... SDSCRIPTS_DIR=...`")

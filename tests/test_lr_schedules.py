@@ -277,8 +277,7 @@ KOHYA_CASES = [
 ]
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("SDTUNE_SDSCRIPTS_PYTHON"),
-                    reason="set SDTUNE_SDSCRIPTS_PYTHON (and SDTUNE_SDSCRIPTS_DIR) to compare with sd-scripts itself")
+@pytest.mark.sdscripts  # runs sd-scripts itself: `make test-sdscripts` (see conftest.py)
 def test_same_curves_as_sd_scripts(tmp_path):
     """sd-scripts' get_scheduler_fix on the same flags (one process), run in its own environment."""
     import json

@@ -124,8 +124,7 @@ def test_issue_flags_are_options_not_refusals():
         assert name not in sdscripts_flags.NOT_SUPPORTED and name not in sdscripts_flags.PLANNED
 
 
-@pytest.mark.skipif(not os.environ.get("SDTUNE_SDSCRIPTS_PYTHON"), reason="set SDTUNE_SDSCRIPTS_PYTHON (sd-scripts' "
-                    "Python) and SDTUNE_SDSCRIPTS_DIR to regenerate the list from sd-scripts itself")
+@pytest.mark.sdscripts  # runs sd-scripts itself: `make test-sdscripts` (see conftest.py)
 def test_list_matches_a_fresh_generation():
     out = subprocess.run([os.environ["SDTUNE_SDSCRIPTS_PYTHON"], str(REPO / "scripts" / "sdscripts_fine_tune_flags.py"),
                           "--sd-scripts", os.environ.get("SDTUNE_SDSCRIPTS_DIR", "/work/kohya/sd-scripts"),

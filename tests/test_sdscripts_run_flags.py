@@ -188,8 +188,7 @@ def test_resize_interpolation_reaches_the_images(tmp_path):
     assert np.allclose(first_image(), default, atol=1e-6)  # area averaging when shrinking
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("SDTUNE_SDSCRIPTS_PYTHON"),
-                    reason="set SDTUNE_SDSCRIPTS_PYTHON (and SDTUNE_SDSCRIPTS_DIR) to read the file with sd-scripts")
+@pytest.mark.sdscripts  # runs sd-scripts itself: `make test-sdscripts` (see conftest.py)
 def test_sd_scripts_reads_the_written_config(tmp_path):
     import os
     import subprocess
