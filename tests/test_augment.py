@@ -35,8 +35,8 @@ def folder(tmp_path_factory):
 
 
 def plan_of(folder, **options):
-    given = dict(in_json=str(folder / "m.json"), train_data_dir=str(folder / "img"), resolution="64",
-                 train_batch_size=1, max_data_loader_n_workers=0)
+    given = {"in_json": str(folder / "m.json"), "train_data_dir": str(folder / "img"), "resolution": "64",
+             "train_batch_size": 1, "max_data_loader_n_workers": 0}
     return build_plan(DatasetOptions(**{**given, **options}), seed=0)
 
 
@@ -57,6 +57,10 @@ def source(folder, plan, index: int) -> np.ndarray:
     return np.asarray(Image.open(folder / "img" / plan.samples[index].path.split("/")[-1]).convert("RGB"))
 
 
+def hsv(pixels: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(pixels, "RGB").convert("HSV")).astype(int)
+
+
 def kind_of_change(plain: np.ndarray, got: np.ndarray) -> str:
     """sd-scripts' colour augmentation gives the image unchanged, a gamma in [0.95, 1.05] of it, or its
     hue turned by up to 8/180 of the circle, which keeps each pixel's largest channel (HSV's value)."""
@@ -68,9 +72,8 @@ def kind_of_change(plain: np.ndarray, got: np.ndarray) -> str:
     if 0.949 <= gamma <= 1.051 and np.abs(255 * x ** gamma - got).max() <= 1.01:
         return "gamma"
     value_kept = np.abs(plain.max(axis=2).astype(int) - got.max(axis=2).astype(int)).max() <= 2
-    hue = lambda a: np.asarray(Image.fromarray(a, "RGB").convert("HSV"))[..., 0].astype(int)  # noqa: E731
-    turn = (hue(got) - hue(plain) + 128) % 256 - 128
-    saturated = np.asarray(Image.fromarray(plain, "RGB").convert("HSV"))[..., 1] > 100
+    turn = (hsv(got)[..., 0] - hsv(plain)[..., 0] + 128) % 256 - 128
+    saturated = hsv(plain)[..., 1] > 100
     if value_kept and np.abs(np.median(turn[saturated])) <= 8 / 180 * 256 + 1.5:
         return "hue"
     return "other"
@@ -98,7 +101,7 @@ def test_random_crop_picks_windows_within_the_resize(folder):
         found = []
         for i, px in images(plan, seed=seed, epochs=3):
             whole = source(folder, plan, i)  # 96x64 covers the 64x64 bucket as it is: only the crop moves
-            found.append([x for x in range(0, 33) if np.array_equal(whole[:, x:x + 64], px)])
+            found.append([x for x in range(33) if np.array_equal(whole[:, x:x + 64], px)])
         assert all(len(f) == 1 for f in found), "every sample is one window of the image"
         return [f[0] for f in found]
 
@@ -121,7 +124,7 @@ def test_bucket_limits_and_steps_choose_the_bucket(tmp_path):
         return {s.path.split("/")[-1]: tuple(s.bucket) for s in plan.samples}
 
     assert buckets() == {"wide.png": (64, 64), "tall.png": (64, 64)}  # no buckets: the square resolution
-    common = dict(enable_bucket=True, bucket_reso_steps=32)
+    common = {"enable_bucket": True, "bucket_reso_steps": 32}
     # the widest bucket within 128 px and 4096 pixels is 128x32 (aspect 4, nearest to 8)
     assert buckets(**common, min_bucket_reso=32, max_bucket_reso=128) == {"wide.png": (128, 32), "tall.png": (32, 128)}
     # at most 64 px: 64x32 is the widest

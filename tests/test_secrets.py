@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from sdtune.config import public_options, secret_names
 from sdtune.testing import make_dataset, write_tiny_model
 from sdtune.train import logs, state

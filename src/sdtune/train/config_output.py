@@ -17,7 +17,6 @@ from typing import Any
 from sdtune.errors import UserError
 
 
-
 def config_path(name: str | Path) -> str:
     """sd-scripts' rule: NAME without .toml means NAME.toml. A file given by its exact name that is not
     .toml (which sd-scripts would not find) is read as it is."""
