@@ -4,11 +4,13 @@ Each TrainOptions field is listed below in exactly one place: a run of the real 
 whose output shows the option's effect (checked against an independent computation where one
 exists), or a table naming the test elsewhere that covers it, or a table of options that cannot
 act differently on this machine, with the reason. `test_every_option_is_covered` fails when a new
-field is added without an entry. Runs share one tiny workspace and take 1-5 steps.
+field is added without an entry, and when a cited test (with the fixtures and helpers of its module
+that it uses) never sets the option: as a flag, a keyword, a dict key or a TOML key. Runs share one tiny workspace and take 1-5 steps.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import sys
@@ -97,6 +99,9 @@ HERE = {
     "dry_run": "test_dry_run_trains_nothing",
     "resolution": "test_dry_run_trains_nothing",
     "train_batch_size": "test_gradient_accumulation_averages_micro_batches",
+    "weighted_captions": "test_weighted_captions_and_console_log_simple",
+    "console_log_simple": "test_weighted_captions_and_console_log_simple",
+    "lr_scheduler_timescale": "test_lr_scheduler_timescale_reaches_the_schedule",
 }
 
 # option -> "tests/<file>.py::<test>" that covers it (the loop hands these to the named component)
@@ -108,20 +113,25 @@ ELSEWHERE = {
         "loss_type", "huber_schedule", "huber_c", "huber_scale", "min_snr_gamma", "scale_v_pred_loss_like_noise_pred",
         "v_pred_like_loss", "debiased_estimation_loss")},
     # dataset: the loop hands the options to build_plan (in_json / dataset_config / resolution above show it does)
-    **{k: "tests/test_data_config.py::test_options_from_the_command_line" for k in (
-        "dataset_repeats", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-        "bucket_no_upscale", "flip_aug", "color_aug", "random_crop", "face_crop_aug_range")},
+    "face_crop_aug_range": "tests/test_data_config.py::test_options_from_the_command_line",  # refused
+    **{k: "tests/test_data_config.py::test_precedence_subset_dataset_general_cli_default" for k in (
+        "dataset_repeats", "caption_separator")},
+    **{k: "tests/test_augment.py::test_bucket_limits_and_steps_choose_the_bucket" for k in (
+        "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")},
+    "bucket_no_upscale": "tests/test_data_images.py::test_too_small_for_no_upscale_is_skipped",
+    "flip_aug": "tests/test_augment.py::test_flip_aug_mirrors_some_samples_by_seed",
+    "color_aug": "tests/test_augment.py::test_color_aug_changes_colours_reproducibly_by_seed",
+    "random_crop": "tests/test_augment.py::test_random_crop_picks_windows_within_the_resize",
     "strict": "tests/test_data_images.py::test_plan_skips_bad_files_with_reasons_and_strict_fails",
     "cache_latents": "tests/test_data_cache.py::test_in_memory_cache_writes_nothing",
     "cache_latents_to_disk": "tests/test_data_cache.py::test_interrupted_run_resumes",
     "cache_dir": "tests/test_data_cache.py::test_cache_dir_option",
     "vae_batch_size": "tests/test_data_cache.py::test_entry_holds_the_vae_posterior_of_the_transformed_image",
     "skip_cache_check": "tests/test_data_cache.py::test_corrupt_entry_is_reencoded_and_skip_cache_check_trusts",
-    "max_data_loader_n_workers": "tests/test_data_sampler.py::test_loader_with_spawned_workers",
-    "persistent_data_loader_workers": "tests/test_data_sampler.py::test_loader_with_spawned_workers",
+    "max_data_loader_n_workers": "tests/test_augment.py::test_loader_workers_follow_the_options",
+    "persistent_data_loader_workers": "tests/test_augment.py::test_loader_workers_follow_the_options",
     # captions: per subset, resolved by the data config, applied by sdtune.text
-    **{k: "tests/test_text_captions.py::test_keep_tokens_separator_fixes_prefix_and_suffix" for k in (
-        "caption_separator", "keep_tokens_separator")},
+    "keep_tokens_separator": "tests/test_text_captions.py::test_keep_tokens_separator_fixes_prefix_and_suffix",
     "secondary_separator": "tests/test_text_captions.py::test_secondary_separator_keeps_a_tag_together",
     "caption_prefix": "tests/test_text_captions.py::test_prefix_and_suffix_are_their_own_tags",
     "caption_suffix": "tests/test_text_captions.py::test_prefix_and_suffix_are_their_own_tags",
@@ -132,7 +142,6 @@ ELSEWHERE = {
     "token_warmup_min": "tests/test_text_captions.py::test_token_warmup",
     "token_warmup_step": "tests/test_text_captions.py::test_token_warmup",
     "max_token_length": "tests/test_text_encode.py::test_chunks_and_embeddings_match_reference",
-    "weighted_captions": "tests/test_text_encode.py::test_weighted_captions_against_reference",
     # model loading: the loop hands these to checkpoint.load_model
     "v2": "tests/test_checkpoint_safety.py::test_detection_of_each_family_and_each_override",
     "v_parameterization": "tests/test_checkpoint_safety.py::test_detection_of_each_family_and_each_override",
@@ -140,10 +149,9 @@ ELSEWHERE = {
     "vae": "tests/test_vae_flag.py::test_vae_caches_and_is_saved",
     "alpha_mask": "tests/test_alpha_mask.py::test_transparent_images_train_nothing_end_to_end",
     # logging, sampling details: the loop hands them to RunLogger / sampling
-    "log_tracker_config": "tests/test_logs.py::test_tracker_config_file",
-    "log_config": "tests/test_logs.py::test_tensorboard_scalars_images_and_config",
-    "wandb_run_name": "tests/test_logs.py::test_wandb_missing_is_a_user_error",
-    "wandb_api_key": "tests/test_logs.py::test_wandb_missing_is_a_user_error",
+    "log_config": "tests/test_secrets.py::test_a_tiny_run_and_its_resume_write_and_print_no_secret",
+    **{k: "tests/test_secrets.py::test_wandb_run_name_and_api_key_reach_wandb_init" for k in (
+        "log_tracker_config", "wandb_run_name", "wandb_api_key")},
     "save_ema": "tests/test_train_outputs.py::test_ema_matches_an_independent_average",
     # validation (issue #7)
     **{k: "tests/test_train_outputs.py::test_validation_loss_is_reproducible_and_correct" for k in (
@@ -153,10 +161,8 @@ ELSEWHERE = {
     # sd-scripts flags once refused or unrecognized (schedules, logging, counters, saves, ModelSpec, resize)
     **{k: "tests/test_lr_schedules.py::test_schedules_act_in_training" for k in (
         "lr_decay_steps", "lr_scheduler_min_lr_ratio", "lr_scheduler_type", "lr_scheduler_args")},
-    "lr_scheduler_timescale": "tests/test_lr_schedules.py::test_inverse_sqrt",
     **{k: "tests/test_console.py::test_training_run_writes_its_log_file" for k in (
         "console_log_file", "console_log_level")},
-    "console_log_simple": "tests/test_console.py::test_simple_puts_the_libraries_lines_on_stdout",
     **{k: "tests/test_sdscripts_run_flags.py::test_initial_step_starts_the_counters_and_a_fresh_schedule" for k in (
         "initial_step", "metadata_usage_hint", "metadata_thumbnail", "metadata_merged_from", "metadata_trigger_phrase",
         "metadata_preprocessor", "metadata_is_negative_embedding")},
@@ -180,13 +186,43 @@ def test_every_option_is_covered():
     assert not fields - listed, f"options without a test that shows they act: {sorted(fields - listed)}"
     assert not listed - fields, f"listed but not options: {sorted(listed - fields)}"
     assert sum(len(t) for t in tables) == len(listed), "an option is listed twice"
-    here = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(), re.M))
-    assert set(HERE.values()) <= here, sorted(set(HERE.values()) - here)
-    for target in set(ELSEWHERE.values()):
+    cited = {**{k: f"tests/{Path(__file__).name}::{v}" for k, v in HERE.items()}, **ELSEWHERE}
+    unset = []
+    for option, target in sorted(cited.items()):
         file, _, name = target.partition("::")
-        path = REPO / file
-        assert path.is_file(), target
-        assert not name or re.search(rf"^def {name}\b", path.read_text(), re.M), target
+        functions = module_functions(REPO / file)
+        assert name in functions, f"{option}: no test {target}"
+        if not sets_option(option, reached_source(name, functions)):
+            unset.append(f"{option} ({target})")
+    assert not unset, f"the cited test never sets the option: {unset}"
+
+
+def module_functions(path: Path) -> dict[str, ast.FunctionDef]:
+    assert path.is_file(), path
+    return {n.name: n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+
+
+def reached_source(name: str, functions: dict[str, ast.FunctionDef]) -> str:
+    """The test's source with that of the module's fixtures and helpers it uses, directly or through others."""
+    seen, todo = set(), [name]
+    while todo:
+        node = functions[todo.pop()]
+        seen.add(node.name)
+        used = {a.arg for a in node.args.args} | {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+        todo += [u for u in used if u in functions and u not in seen]
+    return "\n".join(ast.unparse(functions[n]) for n in sorted(seen))
+
+
+def sets_option(option: str, source: str) -> bool:
+    """The option appears as a flag (--name), a keyword or TOML key (name=, name = 1) or a dict key ("name")."""
+    name = re.escape(option)
+    return bool(re.search(rf"--{name}(?!\w)|(?:(?<![.\w])|(?<=\\n)){name}\s*=(?!=)|[\"']{name}[\"']", source))
+
+
+def test_the_coverage_check_needs_the_option_set():
+    source = '''def t(): run("--flip_aug", x, keep_tokens=2, d={"cache_dir": 1}, toml="[a]\\nbatch_size = 2") and opts.seed == 1'''
+    assert all(sets_option(o, source) for o in ("flip_aug", "keep_tokens", "cache_dir", "batch_size"))
+    assert not any(sets_option(o, source) for o in ("flip", "seed", "color_aug", "size"))
 
 
 # ------------------------------------------------------------------ workspace and helpers
@@ -466,6 +502,48 @@ def test_noise_loss_and_text_options_reach_the_step(ws, tmp_path, base):
     ref = base[0].losses[0]
     assert noisy.losses[0] != pytest.approx(ref, rel=1e-4)
     assert skipped.losses[0] != pytest.approx(ref, rel=1e-4)
+
+
+def test_weighted_captions_and_console_log_simple(ws, tmp_path, base, capsys):
+    import json
+    import logging
+
+    from sdtune import console
+
+    # every caption as "(caption:1.0)": read as weights, a weight of 1 changes nothing; read as text, it does
+    meta = json.loads((ws / "meta.json").read_text())
+    (tmp_path / "w.json").write_text(json.dumps({k: {**v, "caption": f"({v['caption']}:1.0)"} for k, v in meta.items()}))
+    try:
+        weighted = run(ws, tmp_path / "a", "--in_json", str(tmp_path / "w.json"), "--weighted_captions",
+                       "--console_log_simple")
+        logging.getLogger("some.library").warning("a library line")  # simple: on stdout, as print() would
+        assert "a library line" in capsys.readouterr().out
+    finally:
+        console.reset()
+    assert weighted.losses == pytest.approx(base[0].losses, rel=1e-5)
+    as_text = run(ws, tmp_path / "b", "--in_json", str(tmp_path / "w.json"), "--max_train_steps", "1")
+    assert as_text.losses[0] != pytest.approx(base[0].losses[0], rel=1e-4)
+
+
+def test_lr_scheduler_timescale_reaches_the_schedule(ws, tmp_path):
+    import math
+
+    from sdtune.cli import build_parser
+    from sdtune.train.command import options_from_args
+    from sdtune.train.schedules import scheduler_from_options
+
+    args = build_parser("train").parse_args(["train", *base_args(ws, tmp_path), "--lr_scheduler", "inverse_sqrt",
+                                             "--lr_warmup_steps", "2", "--lr_scheduler_timescale", "6"])
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    schedule = scheduler_from_options(options_from_args(args), optimizer, total_steps=10, note=None)
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    # transformers' inverse square root: a linear warm-up over W steps, then sqrt(T / (k - W + T))
+    assert rates == pytest.approx([k / 2 if k < 2 else math.sqrt(6 / (k - 2 + 6)) for k in range(8)], rel=1e-9)
 
 
 def test_dry_run_trains_nothing(ws, tmp_path, capsys):

@@ -39,10 +39,28 @@ class Options(BaseModel):
 
 
 def Field(default: Any = None, help: str = "", *, aliases: tuple[str, ...] = (), metavar: str | None = None,
-          group: str | None = None, **kwargs: Any) -> Any:
-    """A pydantic field with the CLI details: help text, extra flag spellings, help group."""
-    extra = {"aliases": list(aliases), "metavar": metavar, "group": group}
+          group: str | None = None, secret: bool = False, **kwargs: Any) -> Any:
+    """A pydantic field with the CLI details: help text, extra flag spellings, help group.
+
+    `secret=True` marks a credential (an API key): `public_options` leaves it out of every options
+    dict that is written to a file or shown, and the options object's repr hides it.
+    """
+    extra = {"aliases": list(aliases), "metavar": metavar, "group": group, "secret": secret}
+    if secret:
+        kwargs.setdefault("repr", False)
     return _Field(default, description=help, json_schema_extra=extra, **kwargs)
+
+
+def secret_names(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of `model` declared with `secret=True`."""
+    return frozenset(name for name, info in model.model_fields.items()
+                     if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("secret"))
+
+
+def public_options(opts: BaseModel) -> dict[str, Any]:
+    """The options as JSON-able values without the secrets: the one form in which options are written
+    to a file (state, summary, tracker, TOML) or printed."""
+    return opts.model_dump(mode="json", exclude=set(secret_names(type(opts))))
 
 
 def _unwrap_optional(tp: Any) -> Any:

@@ -16,8 +16,6 @@ from typing import Any
 
 from sdtune.errors import UserError
 
-NOT_WRITTEN = ("wandb_api_key",)  # a secret has no place in a file that gets shared (sd-scripts leaves it out too)
-
 
 def config_path(name: str | Path) -> str:
     """sd-scripts' rule: NAME without .toml means NAME.toml. A file given by its exact name that is not
@@ -32,6 +30,7 @@ def config_path(name: str | Path) -> str:
 
 def write_config(args: Any, opts: Any) -> Path:
     """Write the options given on the command line (validated as for a run) to --config_file."""
+    from sdtune.config import public_options, secret_names
     from sdtune.console import note
     from sdtune.prep.files import atomic_write_text
 
@@ -42,15 +41,16 @@ def write_config(args: Any, opts: Any) -> Path:
     if path.exists():
         raise UserError("already exists; nothing was written", where=str(path),
                         fix="Choose another --config_file name, or remove the file first.")
-    values = {k: _number_if_numeric(type(opts), k, v) for k, v in opts.model_dump(mode="json").items()}
-    keys = [k for k in vars(args) if values.get(k) is not None and k not in NOT_WRITTEN]
+    values = {k: _number_if_numeric(type(opts), k, v) for k, v in public_options(opts).items()}
+    # a secret has no place in a file that gets shared (sd-scripts leaves the API key out too)
+    keys = [k for k in vars(args) if values.get(k) is not None]
     lines = ["# written by sdtune --output_config; train with: sdtune train --config_file " + str(path), ""]
     lines += [f"{key} = {toml_value(values[key], key)}" for key in keys]
     try:
         atomic_write_text(path, "\n".join(lines) + "\n")
     except OSError as exc:
         raise UserError(f"cannot write the config file ({exc.strerror or exc})", where=str(path)) from None
-    secret = [k for k in NOT_WRITTEN if k in vars(args)]
+    secret = sorted(secret_names(type(opts)) & set(vars(args)))
     note(f"wrote {path} ({len(keys)} options){'; left out: ' + ', '.join(secret) + ' (a secret)' if secret else ''}")
     return path
 

@@ -26,10 +26,11 @@ from typing import Any, Iterable, Mapping, Sequence
 from sdtune.errors import UserError
 
 __all__ = ["RunLogger", "TrainProgress", "RunningMean", "default_run_name", "load_tracker_config",
-           "sanitize_config", "write_summary", "trained_settings", "plot_loss", "running_mean", "LOG_WITH"]
+           "sanitize_config", "wandb_init_args", "write_summary", "trained_settings", "plot_loss", "running_mean", "LOG_WITH"]
 
 LOG_WITH = ("tensorboard", "wandb", "all")
-# Option names ending so hold credentials (wandb_api_key, huggingface_token); max_token_length does not.
+# Beyond the options declared secret: names ending so hold credentials (huggingface_token) in a mapping
+# that did not come from the options; max_token_length does not.
 _SECRET_ENDINGS = ("api_key", "_token", "token", "password", "secret")
 
 
@@ -40,9 +41,13 @@ def default_run_name(log_prefix: str | None = None) -> str:
 
 def sanitize_config(options: Mapping[str, Any]) -> dict[str, Any]:
     """Options as JSON-able values, without secrets (API keys, tokens) — safe to log or share."""
+    from sdtune.config import secret_names
+    from sdtune.train.options import TrainOptions
+
+    declared = secret_names(TrainOptions)
     out = {}
     for key, value in options.items():
-        if key.lower().endswith(_SECRET_ENDINGS):
+        if key in declared or key.lower().endswith(_SECRET_ENDINGS):
             continue
         out[key] = _jsonable(value)
     return out
@@ -71,6 +76,20 @@ def load_tracker_config(path: str | Path) -> dict[str, dict[str, Any]]:
         if not isinstance(value, dict):
             raise UserError(f"{key} must be a table of init arguments", where=str(path))
     return data
+
+
+def wandb_init_args(project: str, run_name: str, logging_dir: str | Path | None, config: Mapping[str, Any],
+                    kwargs: Mapping[str, Any], api_key: str | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """What `wandb.init` gets, and the environment it reads the API key from.
+
+    The key goes to wandb through WANDB_API_KEY for this process only, not through `wandb.login`, which
+    would store it in ~/.netrc: a key given on the command line reaches no file.
+    """
+    args: dict[str, Any] = {"project": project, "name": run_name, "config": dict(config)}
+    if logging_dir is not None:
+        args["dir"] = str(logging_dir)
+    args.update(kwargs)
+    return args, ({"WANDB_API_KEY": api_key} if api_key else {})
 
 
 class RunLogger:
@@ -125,13 +144,10 @@ class RunLogger:
         except ImportError:
             raise UserError("wandb logging needs the wandb package", where="--log_with",
                             fix="pip install wandb, or use --log_with tensorboard.") from None
-        if api_key:
-            wandb.login(key=api_key)
-        args = {"project": project, "name": self.run_name, "config": self.config}
+        args, env = wandb_init_args(project, self.run_name, logging_dir, self.config, kwargs, api_key)
         if logging_dir is not None:
             Path(logging_dir).mkdir(parents=True, exist_ok=True)
-            args["dir"] = str(logging_dir)
-        args.update(kwargs)
+        os.environ.update(env)
         return wandb.init(**args)
 
     def log(self, step: int, values: Mapping[str, float] | None = None, **scalars: float) -> None:

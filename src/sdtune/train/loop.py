@@ -33,6 +33,7 @@ def train(opts: TrainOptions) -> TrainResult:
     import torch
 
     from sdtune.checkpoint import build_modelspec, load_vae
+    from sdtune.config import public_options
     from sdtune.console import note as console_note, setup_console
     from sdtune.data import BucketBatchSampler, ensure_latent_cache, make_loader, sample_latents
     from sdtune.text import CaptionOptions, TextConditioner, build_caption, process_caption
@@ -53,7 +54,7 @@ def train(opts: TrainOptions) -> TrainResult:
     note = console_note if main else (lambda *a, **k: None)
     seed, world, rank = opts.effective_seed, accelerator.num_processes, accelerator.process_index
     device, accum = accelerator.device, opts.gradient_accumulation_steps
-    options_dict = opts.model_dump(mode="json")
+    options_dict = public_options(opts)  # without secrets: written to states, summary and tracker
     resume_record = state.read_state(opts.resume) if opts.resume else None
     length_changed = None
     if resume_record:  # refuse a mismatched resume before any expensive work

@@ -191,7 +191,9 @@ class LoggingOptions(Options):
     log_tracker_config: str | None = Field(None, "TOML with [wandb] / [tensorboard] init arguments", group="Logging", metavar="FILE")
     log_config: bool = Field(False, "record the options (without secrets) in the tracker", group="Logging")
     wandb_run_name: str | None = Field(None, "wandb run name", group="Logging")
-    wandb_api_key: str | None = Field(None, "wandb API key (prefer the WANDB_API_KEY environment variable)", group="Logging")
+    wandb_api_key: str | None = Field(
+        None, "wandb API key (prefer the WANDB_API_KEY environment variable); never written to a file nor printed",
+        group="Logging", secret=True)
     console_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = Field(
         None, "hide lines below this level: sdtune's (its notes are warnings), the libraries' and Python warnings "
         "(default: INFO)", group="Logging")

@@ -59,7 +59,17 @@ class Position:
 
 
 def significant_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in sorted(options.items()) if k not in MAY_CHANGE}
+    hidden = MAY_CHANGE | _secrets()
+    return {k: v for k, v in sorted(options.items()) if k not in hidden}
+
+
+def _secrets() -> frozenset[str]:
+    """The options declared secret: never written to a state, never compared on resume (a new API key
+    changes nothing in training), even when given in a dict that still holds them."""
+    from sdtune.config import secret_names
+    from sdtune.train.options import TrainOptions
+
+    return secret_names(TrainOptions)
 
 
 def save_state(accelerator, directory: Path, position: Position, options: dict[str, Any], ema=None,
@@ -112,7 +122,7 @@ def _write_state(accelerator, directory: Path, tmp: Path, position: Position, op
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
         record = {"format": FORMAT, "position": asdict(position), "options": significant_options(options),
-                  "all_options": options, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  "all_options": {k: v for k, v in options.items() if k not in _secrets()}, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if dataset is not None:
             record["dataset"] = dataset
         if ema is not None:
@@ -157,7 +167,7 @@ def read_state(directory: str | Path) -> dict[str, Any]:
 
 def check_compatible(record: dict[str, Any], options: dict[str, Any], allow_changes: bool, where: str) -> list[str]:
     """The differences in significant options; refused unless allowed."""
-    saved, now = record["options"], significant_options(options)
+    saved, now = significant_options(record["options"]), significant_options(options)  # a state of before may hold secrets
     diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if diffs and not allow_changes:
         listed = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
