@@ -24,6 +24,10 @@ the next run encodes only the rest. Unless --skip_cache_check, every entry's hea
 dtype) is checked before it is trusted; a corrupt entry is re-encoded. Superseded entries of an
 image (same name and variant, other key) are deleted once the new one is written.
 
+A complete cache is read without writing, so it may live on read-only storage (the index is then not
+updated: it only saves hashing). A cache that must be written and cannot be is refused with one line
+pointing at --cache_dir before any image is encoded (`check_writable`).
+
 `--cache_latents` without `--cache_latents_to_disk` keeps the entries in memory for this run only.
 torch is imported inside the functions that need it.
 """
