@@ -7,7 +7,9 @@ the loop comes from a generator derived from (seed, epoch, batch, rank), restori
 enough to continue with the very numbers an uninterrupted run would have drawn.
 
 A state is written to a temporary folder and renamed into place, so a crash or a full disk during
-a save leaves the previous state untouched.
+a save leaves the previous state untouched. A state damaged afterwards (a truncated copy, a failing
+disk) is refused with one line naming the file: its structure is checked before any model loads
+(`check_state_files`), and a file that still fails to load is found at load (`_load_error`).
 """
 
 from __future__ import annotations
