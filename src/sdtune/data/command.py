@@ -53,12 +53,23 @@ def cache_latents(opts: CacheOptions, *, v2: bool | None = None, recorded_bucket
     import torch
 
     from sdtune.checkpoint import load_model, load_vae
-    from sdtune.data.latent_cache import ensure_latent_cache
+    from sdtune.checkpoint.detect import detect_from_header, needs_loading_to_plan
+    from sdtune.data.latent_cache import cache_folder, ensure_latent_cache
     from sdtune.data.plan import build_plan
+    from sdtune.data.writable import check_cache_folders
 
-    model = load_model(opts.pretrained_model_name_or_path, v2=v2)
+    def planned(resolution):
+        plan = build_plan(opts, seed=0, default_resolution=resolution, recorded_buckets=recorded_buckets)
+        # an unwritable cache folder stops the command now, not after the model loaded
+        check_cache_folders([cache_folder(s.path, opts.cache_dir) for s in plan.active], "the latent cache")
+        return plan
+
+    source = opts.pretrained_model_name_or_path
+    found, _ = detect_from_header(source, v2=v2)  # the family loading detects, from the header alone
+    plan = planned(found.family.resolution) if found and not needs_loading_to_plan(source, found) else None
+    model = load_model(source, v2=v2)
     vae = load_vae(opts.vae, like=model.vae) if opts.vae else model.vae  # the VAE training will encode with
-    plan = build_plan(opts, seed=0, default_resolution=model.family.resolution, recorded_buckets=recorded_buckets)
+    plan = plan or planned(model.family.resolution)
     print(plan.summary(), file=sys.stderr)
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = ensure_latent_cache(plan, vae, device=device, to_disk=True)

@@ -24,6 +24,10 @@ the next run encodes only the rest. Unless --skip_cache_check, every entry's hea
 dtype) is checked before it is trusted; a corrupt entry is re-encoded. Superseded entries of an
 image (same name and variant, other key) are deleted once the new one is written.
 
+A complete cache is read without writing, so it may live on read-only storage (the index is then not
+updated: it only saves hashing). A cache that must be written and cannot be is refused with one line
+pointing at --cache_dir before any image is encoded (`check_writable`).
+
 `--cache_latents` without `--cache_latents_to_disk` keeps the entries in memory for this run only.
 torch is imported inside the functions that need it.
 """
@@ -45,6 +49,7 @@ from typing import Any
 from sdtune.data.buckets import crop_box
 from sdtune.data.images import BadImage, prepare_sample
 from sdtune.data.plan import DatasetPlan, Sample
+from sdtune.data.writable import cache_refusal, write_problem
 from sdtune.errors import UserError
 from sdtune.umask import give_default_mode
 
@@ -149,8 +154,11 @@ class _FileHashes:
 
     def flush(self) -> None:
         for folder in list(self.dirty):
-            folder.mkdir(parents=True, exist_ok=True)
-            _atomic_write(folder / self.suffix, json.dumps(self.known[folder], indent=0, sort_keys=True).encode())
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                _atomic_write(folder / self.suffix, json.dumps(self.known[folder], indent=0, sort_keys=True).encode())
+            except OSError:
+                pass  # a read-only cache (complete, or refused before encoding) only costs re-hashing next time
         self.dirty.clear()
 
 
@@ -164,6 +172,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(todo: list["Entry"]) -> None:
+    """Before any encoding: every folder that will receive a new entry can be written (a complete
+    cache is never tried, so it may be read-only)."""
+    counts = Counter(e.path.parent for e in todo if e.path is not None)
+    for folder, n in counts.items():
+        problem = write_problem(folder)
+        if problem:
+            raise cache_refusal(folder, problem, "the latent cache", f"{n} entr{'y' if n == 1 else 'ies'} must be encoded")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,6 +347,7 @@ def ensure_latent_cache(plan: DatasetPlan, vae, *, device="cpu", dtype=None, to_
         cache.reasons = Counter(e.reason for e in todo)
         why = ", ".join(f"{n} {r}" for r, n in cache.reasons.most_common())
         log(f"latent cache: reusing {len(reuse)} entries, encoding {len(todo)} ({why})")
+        check_writable(todo)
         _encode(plan, vae, todo, cache, failures, device=device, dtype=dtype, batch_size=batch_size,
                 workers=workers, log=log, progress=progress)
     else:
@@ -454,12 +473,15 @@ def _encode_batch(encoder, items: list[tuple[Entry, Any]], cache: LatentCache, d
 def _write_entry(e: Entry, mean, logvar, mask=None) -> None:
     from safetensors.torch import save
 
-    e.path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"sdtune_key": e.key, "sdtune_cache": json.dumps(e.parts, sort_keys=True), "format": "pt"}
     tensors = {"mean": mean.contiguous(), "logvar": logvar.contiguous()}
     if mask is not None:
         tensors["mask"] = mask.contiguous()
-    _atomic_write(e.path, save(tensors, metadata=meta))
+    try:
+        e.path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(e.path, save(tensors, metadata=meta))
+    except OSError as exc:  # a disk filled up or went read-only during the run; the entries written are kept
+        raise cache_refusal(e.path.parent, exc.strerror or str(exc), "the latent cache", "") from None
 
 
 def load_entry(path: str, bucket: tuple[int, int]):

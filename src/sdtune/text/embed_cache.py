@@ -161,21 +161,27 @@ class TextEmbeddingCache:
         return out
 
     def _write(self, caption: str, embedding: "torch.Tensor", length: int) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         path = self.path(caption)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         metadata = {"format": f"sdtune-text-embedding-{FORMAT_VERSION}", "caption": caption, "tokens": str(length),
                     "clip_skip": str(self.conditioner.layer.clip_skip),
                     "max_token_length": str(self.conditioner.max_token_length)}
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             save_file({_TENSOR: embedding.detach().to("cpu").contiguous()}, str(tmp), metadata=metadata)
             os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise UserError(f"cannot write the text-embedding cache ({exc.strerror})", where=str(path.parent),
-                            fix="Check free disk space and permissions, or choose another cache folder.") from None
+        except (OSError, SafetensorError) as exc:  # safetensors reports a failed write as its own error
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise UserError(f"cannot write the text-embedding cache ({reason})", where=str(path.parent),
+                            fix="Pass --cache_dir DIR on writable storage, or free disk space or make this folder "
+                                "writable (a cache whose entries are all present is only read).") from None
         self.stats.written += 1
 
     def _load(self, caption: str) -> tuple["torch.Tensor", int] | None:

@@ -8,6 +8,7 @@ seed gives the same run and a resumed run continues with the very numbers an uni
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -41,12 +42,15 @@ def train(opts: TrainOptions) -> TrainResult:
     from sdtune.train import logs, optim, sampling, schedules, state, validation
     from sdtune.train.ema import EMA
     from sdtune.train.noise import DiffusionObjective
+    from sdtune.train.preflight import check_outputs
     from sdtune.train.prompts import load_prompts
     from sdtune.train.saving import SavePolicy, default_names, epoch_stem, step_stem
     from sdtune.train.setup import (StopRequest, allow_fp16_gradients, compute_copy, configure_attention, derive_seed,
                                     diverged, make_accelerator, mem_eff_context, save_trained, text_embedding_cache,
                                     weight_dtype)
 
+    if os.environ.get("RANK", "0") == "0":  # one process tries (another's clean-up would race with it)
+        check_outputs(opts)  # an unwritable output stops the run now, not at the first save
     setup_console(opts.console_log_level, opts.console_log_file, opts.console_log_simple)
     started = time.time()
     accelerator = make_accelerator(opts, console_note)
@@ -405,16 +409,19 @@ def _model_and_plan(opts: TrainOptions, seed: int, dtype, verbose: bool):
     from sdtune.checkpoint.detect import detect_from_header, needs_loading_to_plan
     from sdtune.data import build_plan
     from sdtune.families import SD1
+    from sdtune.train.preflight import check_caches
 
     source = opts.pretrained_model_name_or_path
     found, _ = detect_from_header(source, v2=opts.v2 or None, v_parameterization=opts.v_parameterization or None)
     plan = None
     if opts.resolution or not needs_loading_to_plan(source, found):
         plan = build_plan(opts, seed=seed, default_resolution=(found.family if found else SD1).resolution)
+        check_caches(opts, plan)
     model = checkpoint.load_model(source, v2=opts.v2 or None, v_parameterization=opts.v_parameterization or None,
                                   use_ema_weights=opts.use_ema_weights, dtype=dtype, verbose=verbose)
     if plan is None:
         plan = build_plan(opts, seed=seed, default_resolution=model.family.resolution)
+        check_caches(opts, plan)
     return model, plan
 
 

@@ -7,7 +7,9 @@ the loop comes from a generator derived from (seed, epoch, batch, rank), restori
 enough to continue with the very numbers an uninterrupted run would have drawn.
 
 A state is written to a temporary folder and renamed into place, so a crash or a full disk during
-a save leaves the previous state untouched.
+a save leaves the previous state untouched. A state damaged afterwards (a truncated copy, a failing
+disk) is refused with one line naming the file: its structure is checked before any model loads
+(`check_state_files`), and a file that still fails to load is found at load (`_load_error`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -162,7 +166,56 @@ def read_state(directory: str | Path) -> dict[str, Any]:
         raise UserError(f"corrupt {STATE_FILE} ({exc})", where=str(directory)) from None
     if record.get("format") != FORMAT:
         raise UserError(f"state format {record.get('format')} is not supported (expected {FORMAT})", where=str(directory))
+    check_state_files(directory)
     return record
+
+
+# what accelerate writes for every run (the U-Net, its optimizer and LR schedule); the rest varies
+_ALWAYS_SAVED = ("model.safetensors", "optimizer.bin", "scheduler.bin")
+_DAMAGED_FIX = ("Resume from another state folder (an earlier save), or train without --resume. States are written "
+                "whole or not at all: a damaged file was damaged later, by the storage or a copy.")
+
+
+def check_state_files(directory: Path) -> None:
+    """Refuse a state whose files are visibly damaged (truncated, or not the format their name says),
+    in milliseconds, before any model loads: the safetensors headers against the file sizes, and the
+    end-of-archive records of torch's zip files (.bin, .pkl, .pt), which a truncated file lacks."""
+    for name in _ALWAYS_SAVED:
+        if not (directory / name).is_file():
+            raise UserError(f"incomplete training state: {name} is missing", where=str(directory), fix=_DAMAGED_FIX)
+    for path in sorted(directory.iterdir()):
+        problem = None
+        if path.suffix == ".safetensors":
+            problem = _safetensors_problem(path)
+        elif path.suffix in (".bin", ".pkl", ".pt"):
+            problem = _zip_problem(path)
+        if problem:
+            raise UserError(f"damaged training state: {path.name} is {problem}", where=str(directory), fix=_DAMAGED_FIX)
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                return f"truncated ({size} bytes, shorter than its header)"
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError):
+        return f"not a readable safetensors file ({size} bytes)"
+    if end != size - 8 - n:
+        return f"truncated ({size} bytes; its header describes {8 + n + end})"
+    return None
+
+
+def _zip_problem(path: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        return f"truncated or corrupt ({path.stat().st_size} bytes; {exc})"
+    return None
 
 
 def check_compatible(record: dict[str, Any], options: dict[str, Any], allow_changes: bool, where: str) -> list[str]:
@@ -261,11 +314,53 @@ def load_state(accelerator, directory: str | Path, ema=None) -> Position:
 
     directory = resolve_state_dir(directory)
     record = read_state(directory)
-    accelerator.load_state(str(directory))
+    try:
+        accelerator.load_state(str(directory))
+    except Exception as exc:
+        raise _load_error(exc, directory) from exc
     if ema is not None:
         ema_file = directory / "ema.safetensors"
         if not ema_file.is_file():
             raise UserError("this state has no EMA weights but --ema is on", where=str(directory),
                             fix="Resume without --ema, or from a state saved with --ema.")
-        ema.load_state_dict(load_file(str(ema_file)), record.get("ema_updates", 0))
+        try:
+            tensors = load_file(str(ema_file))
+        except Exception as exc:
+            raise _load_error(exc, directory, ema_file) from exc
+        ema.load_state_dict(tensors, record.get("ema_updates", 0))
     return Position(**record["position"])
+
+
+def _load_error(exc: Exception, directory: Path, file: Path | None = None) -> Exception:
+    """A UserError naming the file of the state that could not be read; the error itself when no file
+    of the state is at fault (a bug keeps its traceback).
+
+    The readers (safetensors, torch's zip reader) do not say which file they were reading, and damage
+    inside a file passes the cheap checks of `check_state_files`: the files are tried one by one."""
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return UserError(f"incomplete training state: {Path(exc.filename).name} is missing", where=str(directory),
+                         fix=_DAMAGED_FIX)
+    for path in [file] if file else sorted(directory.iterdir()):
+        problem = _read_problem(path)
+        if problem:
+            return UserError(f"damaged training state: {path.name} cannot be read ({problem})", where=str(directory),
+                             fix=_DAMAGED_FIX)
+    if isinstance(exc, RuntimeError) and ("size mismatch" in str(exc) or "Missing key" in str(exc)):
+        return UserError(f"the training state does not fit this model ({str(exc).splitlines()[0]})",
+                         where=str(directory), fix="Resume with the model and options the state was saved with.")
+    return exc
+
+
+def _read_problem(path: Path) -> str | None:
+    """Why a file of a state cannot be read in full, or None."""
+    from accelerate.utils import load
+    from safetensors.torch import load_file
+
+    try:
+        if path.suffix == ".safetensors":
+            load_file(str(path))
+        elif path.suffix in (".bin", ".pkl", ".pt"):
+            load(path, map_location="cpu")  # the reader accelerate's load_state uses (weights only)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the answer
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
