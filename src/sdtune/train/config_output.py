@@ -41,8 +41,8 @@ def write_config(args: Any, opts: Any) -> Path:
     if path.exists():
         raise UserError("already exists; nothing was written", where=str(path),
                         fix="Choose another --config_file name, or remove the file first.")
-    values = {k: _number_if_numeric(type(opts), k, v) for k, v in public_options(opts).items()}
     # a secret has no place in a file that gets shared (sd-scripts leaves the API key out too)
+    values = {k: _number_if_numeric(type(opts), k, v) for k, v in public_options(opts).items()}
     keys = [k for k in vars(args) if values.get(k) is not None]
     lines = ["# written by sdtune --output_config; train with: sdtune train --config_file " + str(path), ""]
     lines += [f"{key} = {toml_value(values[key], key)}" for key in keys]

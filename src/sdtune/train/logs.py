@@ -26,7 +26,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from sdtune.errors import UserError
 
 __all__ = ["RunLogger", "TrainProgress", "RunningMean", "default_run_name", "load_tracker_config",
-           "sanitize_config", "wandb_init_args", "write_summary", "trained_settings", "plot_loss", "running_mean", "LOG_WITH"]
+           "sanitize_config", "wandb_init_args", "write_summary", "trained_settings", "plot_loss", "running_mean",
+           "LOG_WITH"]
 
 LOG_WITH = ("tensorboard", "wandb", "all")
 # Beyond the options declared secret: names ending so hold credentials (huggingface_token) in a mapping

@@ -125,8 +125,9 @@ def _write_state(accelerator, directory: Path, tmp: Path, position: Position, op
 
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
+        public = {k: v for k, v in options.items() if k not in _secrets()}
         record = {"format": FORMAT, "position": asdict(position), "options": significant_options(options),
-                  "all_options": {k: v for k, v in options.items() if k not in _secrets()}, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  "all_options": public, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if dataset is not None:
             record["dataset"] = dataset
         if ema is not None:
@@ -220,7 +221,8 @@ def _zip_problem(path: Path) -> str | None:
 
 def check_compatible(record: dict[str, Any], options: dict[str, Any], allow_changes: bool, where: str) -> list[str]:
     """The differences in significant options; refused unless allowed."""
-    saved, now = significant_options(record["options"]), significant_options(options)  # a state of before may hold secrets
+    # filtered again: a state saved by an earlier version may hold a secret among its options
+    saved, now = significant_options(record["options"]), significant_options(options)
     diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if diffs and not allow_changes:
         listed = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
