@@ -200,11 +200,10 @@ def test_options_refuse_before_anything_loads():
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from sdtune.testing import make_dataset, write_tiny_model
+    from sdtune.testing import write_training_workspace
 
     root = tmp_path_factory.mktemp("sched")
-    write_tiny_model(root / "model", "sd1", seed=0, fmt="diffusers")
-    make_dataset(root / "data", n=4, seed=0, metadata=root / "meta.json")
+    write_training_workspace(root, n=4)
     return root
 
 

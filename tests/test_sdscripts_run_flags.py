@@ -28,11 +28,10 @@ LR = 0.01
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from sdtune.testing import make_dataset, write_tiny_model
+    from sdtune.testing import write_training_workspace
 
     root = tmp_path_factory.mktemp("runflags")
-    write_tiny_model(root / "model", "sd1", seed=0, fmt="diffusers")
-    make_dataset(root / "data", n=2, seed=0, metadata=root / "meta.json")
+    write_training_workspace(root, n=2)
     Image.new("RGB", (4, 4), (200, 10, 10)).save(root / "thumb.png")
     return root
 

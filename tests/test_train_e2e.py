@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdtune.cli import main
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import write_training_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,8 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    write_tiny_model(root / "model", "sd1", seed=0, fmt="diffusers")
-    make_dataset(root / "data", n=4, seed=0, metadata=root / "meta.json")
+    write_training_workspace(root, n=4)
     return root
 
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdtune.errors import UserError
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import write_tiny_model, write_training_workspace
 from sdtune.train.options import TrainOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,9 +231,8 @@ def test_the_coverage_check_needs_the_option_set():
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("acts")
-    write_tiny_model(root / "model", "sd1", seed=0, fmt="diffusers")
+    write_training_workspace(root, n=4)
     write_tiny_model(root / "model.safetensors", "sd1", seed=0)
-    make_dataset(root / "data", n=4, seed=0, metadata=root / "meta.json")
     (root / "prompts.txt").write_text("a red circle --w 64 --h 64 --s 2 --d 7\n")
     return root
 

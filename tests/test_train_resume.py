@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdtune.cli import main
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import write_training_workspace
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
@@ -21,10 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    write_tiny_model(root / "model", "sd1", seed=0, fmt="diffusers")
+    write_training_workspace(root, n=5)
     # 5 images: with batch 1 an epoch has an odd number of batches, so gradient accumulation 2 leaves a
     # half step at every epoch's end
-    make_dataset(root / "data", n=5, seed=0, metadata=root / "meta.json")
     return root
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdtune.cli import main
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import write_training_workspace
 
 # one torch thread: also what makes os.fork safe (an OpenMP pool does not survive a fork)
 pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"), pytest.mark.usefixtures("one_thread")]
@@ -28,8 +28,7 @@ pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("safety")
-    write_tiny_model(root / "model", "sd1", seed=0, fmt="diffusers")
-    make_dataset(root / "data", n=4, seed=0, metadata=root / "meta.json")
+    write_training_workspace(root, n=4)
     return root
 
 

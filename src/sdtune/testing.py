@@ -99,6 +99,15 @@ def write_tiny_model(path: str | Path, family: Family | str = "sd1", seed: int =
     return path
 
 
+def write_training_workspace(root: str | Path, n: int = 4, seed: int = 0) -> Path:
+    """The folder a training test runs in: a tiny SD1 Diffusers model in `model/`, `n` synthetic
+    images in `data/` and their metadata in `meta.json` (see `make_dataset`)."""
+    root = Path(root)
+    write_tiny_model(root / "model", "sd1", seed=seed, fmt="diffusers")
+    make_dataset(root / "data", n=n, seed=seed, metadata=root / "meta.json")
+    return root
+
+
 # ---------------------------------------------------------------------------------------------
 # Synthetic datasets
 
