@@ -6,6 +6,8 @@
 # Everything else comes at the versions of constraints.txt (the lock), so a fresh clone tests what was
 # tested. `make test-latest` runs the suite against the newest releases in a separate .venv-latest, so
 # that drift is seen on purpose; `make lock` then records those versions in constraints.txt.
+# While working: `make lint` (ruff, configured in pyproject.toml) and `make test-fast` (the suite without
+# the tests marked slow); CI (.ci/run) runs `make lint` and then `make test`.
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -18,7 +20,7 @@ LATEST     ?= .venv-latest
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: demo test venv clean test-latest lock test-sdscripts
+.PHONY: demo test test-fast lint venv clean test-latest lock test-sdscripts
 
 venv: $(STAMP)
 
@@ -36,6 +38,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
+
+# The inner loop: everything but the slow runs (and sd-scripts' own, as in `make test`).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q -m 'not slow and not sdscripts' $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 # The same suite against the newest releases of everything but torch (no lock), in its own venv.
 test-latest:

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[1]
 RECORD = REPO / "tests" / "golden" / "golden_run.json"
 SCRIPT = REPO / "scripts" / "golden_run.py"
@@ -81,6 +79,14 @@ def _differences(reference: dict, now: dict) -> list[str]:
     return lines
 
 
+def test_without_the_recorded_commit_the_reference_cannot_be_regenerated(tmp_path):
+    # a commit no history holds, as on a shallow clone that lacks the recording's commit
+    with pytest.raises(pytest.fail.Exception, match="not in the git history .*git fetch --unshallow"):
+        _checkout_src("0123456789abcdef" * 2 + "01234567", tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
 def test_golden_run_is_bit_identical(tmp_path, run_in_session):
     record = json.loads(RECORD.read_text())
     now = _golden(REPO / "src", tmp_path / "now", run_in_session)
