@@ -9,6 +9,8 @@ buckets), gradient accumulation with a half step at an epoch's end, text-encoder
 caption and tag dropout, offset noise, sample images during training, saves in the middle of the
 run (model and state), and a second invocation that resumes from the first one's last state and
 trains to the end. Models are tiny and the run is a few steps, so it takes seconds on a CPU.
+Its inputs (the tiny model, the images and their metadata) come from `sdtune.testing` of the code
+on the path, so a change to what that module builds changes every digest as well.
 
 What is digested (each tensor's dtype, shape and bytes, keyed by name; never container bytes,
 which may hold timestamps or pickling details):
@@ -48,7 +50,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # 5 images in 3 buckets at batch size 1 make 5 batches an epoch: with accumulation 2 an epoch is 3
 # optimizer steps, the last of one batch. The first part stops at step 4, inside the second epoch,
-# so the resume starts mid-epoch; models are saved at steps 2 and 4, samples drawn at 3 and 6.
+# so the resume starts mid-epoch; models are saved at steps 2 and 4, samples drawn at 3 and 6. The
+# schedule (constant after a warm-up) does not depend on the run's length, so the longer second part
+# is a plain continuation of the first.
 TOTAL_STEPS = 6
 FIRST_PART = 4
 IMAGES = 5  # layouts of sdtune.testing: 96x64, 64x96, 80x80, 128x64, 64x128
