@@ -393,8 +393,9 @@ def train(opts: TrainOptions) -> TrainResult:
         report = conditioner.truncation_report()
         if report.count:
             note(str(report))
-        if failures.skipped:
-            note(f"note: {skipped_summary(plan.skipped + failures.skipped)} ({len(failures.skipped)} found while training)")
+        if failures.skipped:  # the plan's count, printed before training, did not include these
+            note(f"note: {skipped_summary(plan.skipped + failures.skipped)} "
+                 f"({len(failures.skipped)} found while training)")
         plot = logs.plot_loss(out_dir / f"{name}-loss.png", list(range(1, len(losses) + 1)), losses) if losses else None
         logs.write_summary(out_dir / f"{name}-train_summary.json", options_dict, global_step, seconds,
                            sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None, [str(p) for p in outputs],
