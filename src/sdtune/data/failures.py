@@ -1,8 +1,8 @@
 """Samples that fail to load while training: reported once, counted, and agreed on by every process.
 
-Planning reads no pixels, and none at all of an image whose size the metadata gives (so a large
-dataset starts without opening every file, as in sd-scripts): a damaged file is found when a batch
-first loads it. It then gets the line an image skipped in planning gets, once; it is left out of
+Planning reads image headers only, and not even those of an image whose size the metadata gives (so
+a large dataset starts without opening every file, as in sd-scripts): a damaged file is found when a
+batch first loads it. It then gets the line an image skipped in planning gets, once; it is left out of
 every later batch without being decoded again, counted with the other skipped images in the run's
 summary, and under --strict it stops the run.
 
