@@ -61,7 +61,20 @@ def _run_in_session(cmd: list[str], *, timeout: float = 300, **kwargs):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        import psutil  # a dependency of accelerate
+
+        # torch's launcher starts each rank in a session of its own: killing the group alone leaves
+        # hung ranks holding the output pipes, and the test would wait for them forever
+        try:
+            ranks = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            ranks = []
         os.killpg(proc.pid, signal.SIGKILL)
+        for child in ranks:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(map(str, cmd[:4]))} ... did not finish in {timeout} s:\n{out[-2000:]}\n{err[-2000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -3,7 +3,8 @@
 A first run (~15 s): both processes train (each names its first batch), on different
 images, an epoch takes half the steps of a single process, both end with identical weights, and
 only the main process writes the model, whose weights match the checksum both processes report.
-A second run: a save that fails on the main process stops both processes at once.
+A second run: a save that fails on the main process stops both processes at once. A third: every
+image of one process's batch fails to load, and both processes skip that batch together.
 """
 
 from __future__ import annotations
@@ -89,3 +90,25 @@ def test_a_save_that_fails_on_the_main_process_stops_both(tmp_path, run_in_sessi
     assert "another process failed (its message is above)" in proc.stderr  # the other rank, told at once
     assert not list((tmp_path / "out").glob("*.safetensors"))
     assert not [p.name for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo launch is tested on Linux")
+def test_a_batch_that_fails_on_one_process_is_skipped_by_both(tmp_path, run_in_session):
+    """Batch size 1, 4 images, 2 processes, 1 epoch: each image is in one process's batch only. When
+    that image cannot be decoded, the process that drew it would skip the step while the other ran
+    backward: their gradient all-reduces went out of step and the run hung. Both skip it now."""
+    cmd, env = _two_processes(tmp_path, 29549, "--max_train_epochs=1", "--seed=1")
+    bad = tmp_path / "data" / "img_002.webp"  # its size is in the metadata: found only when loaded
+    bad.write_bytes(bad.read_bytes()[:60])
+    proc = run_in_session(cmd, timeout=150, env=env, cwd=tmp_path)  # a hang fails here, not in the suite
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 0, err[-3000:]
+
+    warned = [line for line in (out + err).splitlines() if "img_002.webp" in line and "skipped" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: "), out + err  # reported once, by one process
+    # 2 batches per process; the one position where a process had nothing is skipped by both
+    summary = json.loads((tmp_path / "out" / "last-train_summary.json").read_text())
+    assert summary["steps"] == 1
+    assert [Path(s["path"]).name for s in summary["skipped_images"]] == ["img_002.webp"]
+    sums = re.search(r"U-Net weight checksum per process: (\S+), (\S+) \((\w+)", out)
+    assert sums and sums.group(1) == sums.group(2) and sums.group(3) == "identical", out

@@ -15,21 +15,22 @@ loads it. A batch is a dict:
     flipped                       list[bool]
     bucket                        (width, height)
     epoch, position               the batch's place, for exact resume
+    failed                        list[(index, reason)]   samples of this batch that failed to load
 
-A sample that fails to load (a corrupt image or cache entry) is dropped from its batch with a
-warning; under --strict it stops the run. Spawn-safe: the dataset holds only plain data (paths,
-numbers, dicts), no open files, lambdas or modules.
+A sample that fails to load (a corrupt image or cache entry) is dropped from its batch and listed
+in "failed"; the trainer reports it once, counts it and stops under --strict (`sdtune.data.failures`).
+The dataset itself neither warns nor raises: it may run in a worker process, whose warnings would
+land inside the progress bar and whose exceptions reach the trainer wrapped in a traceback.
+Spawn-safe: the dataset holds only plain data (paths, numbers, dicts), no open files, lambdas or modules.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
 from sdtune.data.images import BadImage, prepare_sample
 from sdtune.data.plan import DatasetPlan
 from sdtune.data.sampler import BatchSpec, BucketBatchSampler
-from sdtune.errors import UserError
 
 try:  # the base class only matters when torch is there; the module stays importable without it
     from torch.utils.data import Dataset as _Base
@@ -44,8 +45,10 @@ class BatchDataset(_Base):
         self.paths = dict(cache.paths) if cache is not None else None
         self.memory = cache.memory if cache is not None else None
         self.masks = cache.masks if cache is not None else None
-        self.strict = plan.options.strict
         self.masked = any(s.alpha_mask for s in plan.subsets)
+        # Samples known not to load: left out without decoding them again. Workers started after an
+        # update (each epoch, unless persistent) get it; a persistent worker retries, harmlessly.
+        self.known_bad: set[int] = set()
 
     def __len__(self) -> int:  # not used by the sampler-driven loader; here for completeness
         return len(self.plan.samples)
@@ -66,9 +69,11 @@ class BatchDataset(_Base):
         import torch
 
         plan = self.plan
-        rows, means, logvars, images, masks = [], [], [], [], []
+        rows, means, logvars, images, masks, failed = [], [], [], [], [], []
         cached = self.paths is not None
         for slot, i in enumerate(spec.indices):
+            if i in self.known_bad:
+                continue
             s = plan.samples[i]
             sub = plan.subsets[s.subset]
             try:
@@ -87,12 +92,7 @@ class BatchDataset(_Base):
                     masks.append(torch.as_tensor(mask) if sub.alpha_mask else
                                  torch.ones((spec.bucket[1] // 8, spec.bucket[0] // 8), dtype=torch.float32))
             except (BadImage, OSError, ValueError) as exc:
-                reason = exc.reason if isinstance(exc, BadImage) else str(exc)
-                if self.strict:
-                    raise UserError(f"cannot load sample: {reason}", where=s.path,
-                                    fix="Fix or remove it, or drop --strict to skip it.") from None
-                warnings.warn(f"{s.path}: {reason}; left out of batch {spec.position} of epoch {spec.epoch}",
-                              stacklevel=2)
+                failed.append((i, exc.reason if isinstance(exc, BadImage) else str(exc)))
                 continue
             rows.append((slot, s, sub))
         batch = {
@@ -103,7 +103,7 @@ class BatchDataset(_Base):
             "subsets": [s.subset for _k, s, _u in rows],
             "indices": [s.index for _k, s, _u in rows],
             "flipped": [spec.flips[k] for k, _s, _u in rows],
-            "bucket": spec.bucket, "epoch": spec.epoch, "position": spec.position,
+            "bucket": spec.bucket, "epoch": spec.epoch, "position": spec.position, "failed": failed,
         }
         if cached and rows:
             batch["latent_mean"] = torch.stack(means)
@@ -121,7 +121,7 @@ def make_loader(plan: DatasetPlan, sampler: BucketBatchSampler, cache=None, *, n
     """A DataLoader over `sampler`'s batches. Call `sampler.set_epoch(e, start_batch)` before each epoch.
 
     Workers decode images; with in-memory latents there is nothing to decode, so none are used.
-    An empty batch (every sample failed to load) is possible only without --strict; skip it.
+    A batch may come empty (every sample failed to load): `sdtune.data.failures` decides what to do.
     """
     from torch.utils.data import DataLoader
 

@@ -111,9 +111,10 @@ def load_image(path: Path | str) -> tuple[Image.Image, np.ndarray | None]:
         img.load()
         img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
-    except BadImage:
-        raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for truncated or broken data
+        img.close()  # a failed load leaves the file open: one descriptor lost per bad image and epoch
+        if isinstance(exc, BadImage):
+            raise
         raise BadImage(path, f"cannot be decoded ({type(exc).__name__}: {exc})") from None
 
 

@@ -137,10 +137,14 @@ class DatasetPlan:
                          f"ratios), e.g. {crops[0].path} {crops[0].size[0]}x{crops[0].size[1]} -> "
                          f"{crops[0].bucket[0]}x{crops[0].bucket[1]}")
         if self.skipped:
-            reasons = Counter(r.split(" (")[0] for _p, r in self.skipped)
-            lines.append(f"{len(self.skipped)} images skipped: "
-                         + ", ".join(f"{n} {r}" for r, n in reasons.most_common()))
+            lines.append(skipped_summary(self.skipped))
         return "\n".join(lines)
+
+
+def skipped_summary(skipped: list[tuple[str, str]]) -> str:
+    """'3 images skipped: 2 unreadable, 1 cannot be decoded': the count of (path, reason) pairs by reason."""
+    reasons = Counter(r.split(" (")[0] for _p, r in skipped)
+    return f"{len(skipped)} images skipped: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
 
 
 def _crop_fraction(s: Sample) -> float:
@@ -200,12 +204,12 @@ def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | 
             for r in records:
                 size = r.image_size or read[r.path]
                 if isinstance(size, BadImage):
-                    _skip(skipped, str(r.path), size.reason, options.strict, warn)
+                    skip_image(skipped, str(r.path), size.reason, options.strict, warn)
                     continue
                 assigned = recorded_geometry(r, size) if d.recorded_buckets else rule.assign(size)
                 if assigned is None:
-                    _skip(skipped, str(r.path), f"too small ({size[0]}x{size[1]}) for a bucket of step "
-                          f"{d.bucket_reso_steps}", options.strict, warn)
+                    skip_image(skipped, str(r.path), f"too small ({size[0]}x{size[1]}) for a bucket of step "
+                               f"{d.bucket_reso_steps}", options.strict, warn)
                     continue
                 bucket, resized = assigned
                 samples.append(Sample(len(samples), s.index, d.index, str(r.path), r.caption, r.tags, size, bucket,
@@ -216,7 +220,8 @@ def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | 
     return DatasetPlan(specs, subsets, samples, seed, options, skipped)
 
 
-def _skip(skipped: list, path: str, reason: str, strict: bool, warn) -> None:
+def skip_image(skipped: list, path: str, reason: str, strict: bool, warn) -> None:
+    """Leave an image out: a UserError under --strict, else one warning line and an entry in `skipped`."""
     if strict:
         raise UserError(f"bad image: {reason}", where=path, fix="Fix or remove it, or drop --strict to skip it.")
     skipped.append((path, reason))

@@ -37,6 +37,8 @@ def train(opts: TrainOptions) -> TrainResult:
     from sdtune.config import public_options
     from sdtune.console import note as console_note, setup_console
     from sdtune.data import BucketBatchSampler, ensure_latent_cache, make_loader, sample_latents
+    from sdtune.data.failures import LoadFailures
+    from sdtune.data.plan import skipped_summary
     from sdtune.text import CaptionOptions, TextConditioner, build_caption, process_caption
     from sdtune.text.encode import clip_skip_note
     from sdtune.train import logs, optim, sampling, schedules, state, validation
@@ -265,6 +267,13 @@ def train(opts: TrainOptions) -> TrainResult:
     loader = make_loader(plan, sampler, cache)
     last_batch = plan.batches_per_epoch(world) - 1
     progress = logs.TrainProgress(max_steps, initial=position.global_step, disable=not main)
+
+    def warn(line: str) -> None:  # on a line of its own above the progress bar, not inside it
+        with type(progress.bar).external_write_mode():
+            console_note(f"warning: {line}", stderr=True)
+
+    failures = LoadFailures(plan, loader.dataset, strict=opts.strict, warn=warn if main else None,
+                            before_stop=progress.close)
     global_step, losses, micro, stopped = position.global_step, [], [], False
     epochs_done = position.epoch  # for the summary and ModelSpec: epochs begun, as before
     scaling = model.vae.config.scaling_factor
@@ -275,8 +284,8 @@ def train(opts: TrainOptions) -> TrainResult:
             sampler.set_epoch(epoch, position.batch if epoch == position.epoch else 0)
             epoch_losses = []
             for batch in loader:
-                if not batch["indices"]:
-                    continue  # every image of this batch failed to load (reported by the loader)
+                if not failures.admit(batch, accelerator):
+                    continue  # every image of this batch (or of another process's) failed to load
                 gen = torch.Generator().manual_seed(derive_seed(seed, epoch, batch["position"], rank))
                 if world > 1 and not losses and not micro:  # each process names its first images once
                     print(f"process {rank + 1}/{world}: first batch "  # one write: ranks share the terminal
@@ -384,11 +393,15 @@ def train(opts: TrainOptions) -> TrainResult:
         report = conditioner.truncation_report()
         if report.count:
             note(str(report))
+        if failures.skipped:  # the plan's count, printed before training, did not include these
+            note(f"note: {skipped_summary(plan.skipped + failures.skipped)} "
+                 f"({len(failures.skipped)} found while training)")
         plot = logs.plot_loss(out_dir / f"{name}-loss.png", list(range(1, len(losses) + 1)), losses) if losses else None
         logs.write_summary(out_dir / f"{name}-train_summary.json", options_dict, global_step, seconds,
                            sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None, [str(p) for p in outputs],
                            epochs=epochs_done, stopped=stopped, loss_plot=str(plot) if plot else None,
-                           family=model.family.name, trained=settings)
+                           family=model.family.name, trained=settings,
+                           skipped_images=[{"path": p, "reason": r} for p, r in plan.skipped + failures.skipped])
         logger.close()
     accelerator.end_training()
     # a run stopped early exits like a process killed by the signal would (130 for Ctrl-C), so that
