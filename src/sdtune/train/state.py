@@ -3,9 +3,10 @@
 A state folder holds what accelerate saves (model, optimizer, LR scheduler, gradient scaler, RNG
 states) plus our `train_state.json` — step, epoch and the position in the epoch's batch order, and
 the options that shaped the run — the EMA weights when EMA is on, and `history.json`, the run's loss
-at every step and its saves so far (see train/history.py), which the resumed run continues. Because every random draw in
-the loop comes from a generator derived from (seed, epoch, batch, rank), restoring the position is
-enough to continue with the very numbers an uninterrupted run would have drawn.
+at every step and its saves so far (see train/history.py), which the resumed run continues. Because
+every random draw in the loop comes from a generator derived from (seed, epoch, batch, rank),
+restoring the position is enough to continue with the very numbers an uninterrupted run would have
+drawn.
 
 A state is written to a temporary folder and renamed into place, so a crash or a full disk during
 a save leaves the previous state untouched. A state damaged afterwards (a truncated copy, a failing
