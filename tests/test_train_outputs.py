@@ -75,7 +75,7 @@ def test_save_cadence_names_and_pruning(ws, tmp_path):
     steps, epochs = _sd_scripts_kept(10, 2, 3), _sd_scripts_kept_epochs(5, 1, 2)
     assert steps == {6, 8} and epochs == {3, 4}  # the rule as the sd-scripts docs describe it
     # --save_state also writes the state at the end, as sd-scripts does
-    expected = {"N.safetensors", "N-ema.safetensors", "N-loss.png", "N-train_summary.json", "N-state"}
+    expected = {"N.safetensors", "N-ema.safetensors", "N-loss.png", "N-history.json", "N-train_summary.json", "N-state"}
     for n in steps:
         expected |= {f"N-step{n:08d}.safetensors", f"N-step{n:08d}-ema.safetensors", f"N-step{n:08d}-state"}
     for n in epochs:

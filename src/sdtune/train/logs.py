@@ -3,6 +3,7 @@
     RunLogger       scalars and sample images to TensorBoard (`--logging_dir`) and/or wandb
     TrainProgress   the console bar: step, running-mean loss, lr, epoch; tqdm adds it/s and ETA
     write_summary   `train_summary.json`: options, steps, time, final loss, outputs (atomic)
+    write_history   `history.json`: the loss at every step and the saves of the whole run (atomic)
     trained_settings  what the run trained with (resolution, clip skip, total batch), for the summary and ModelSpec
     plot_loss       a PNG of the loss curve (matplotlib, optional)
 
@@ -26,8 +27,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from sdtune.errors import UserError
 
 __all__ = ["RunLogger", "TrainProgress", "RunningMean", "default_run_name", "load_tracker_config",
-           "sanitize_config", "wandb_init_args", "write_summary", "trained_settings", "plot_loss", "running_mean",
-           "LOG_WITH"]
+           "sanitize_config", "wandb_init_args", "write_summary", "write_history", "trained_settings", "plot_loss",
+           "running_mean", "LOG_WITH"]
 
 LOG_WITH = ("tensorboard", "wandb", "all")
 # Beyond the options declared secret: names ending so hold credentials (huggingface_token) in a mapping
@@ -302,27 +303,38 @@ def trained_settings(datasets: Sequence[Any], *, clip_skip: int, num_processes: 
 
 
 def write_summary(path: str | Path, options: Mapping[str, Any], steps: int, seconds: float, final_loss: float | None,
-                  outputs: Iterable[str | Path], **extra: Any) -> Path:
+                  outputs: Iterable[str | Path], *, steps_this_run: int | None = None, **extra: Any) -> Path:
     """`train_summary.json`: what ran, for how long, how it ended, what it wrote. Atomic.
 
-    `extra` adds fields (epochs, samples, loss_plot, family, ...). Secrets are dropped from the
-    options; NaN/inf become null, since JSON has no such numbers.
+    `steps` counts the whole run; `steps_this_run`, the steps of this process's `seconds` when it
+    resumed a run (the speed is theirs). `extra` adds fields (epochs, samples, loss_plot, family, ...).
+    Secrets are dropped from the options; NaN/inf become null, since JSON has no such numbers.
     """
     from sdtune import __version__
 
     path = Path(path)
+    done = steps if steps_this_run is None else steps_this_run
     summary = {
         "tool": f"sdtune {__version__}",
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "steps": int(steps),
         "seconds": round(float(seconds), 3),
-        "steps_per_second": round(steps / seconds, 4) if seconds > 0 else None,
+        "steps_per_second": round(done / seconds, 4) if seconds > 0 else None,
         "final_loss": _jsonable(None if final_loss is None else float(final_loss)),
         "outputs": [str(p) for p in outputs],
         **{k: _jsonable(v) for k, v in extra.items()},
         "options": sanitize_config(options),
     }
     _atomic_write_bytes(path, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    return path
+
+
+def write_history(path: str | Path, record: Mapping[str, Any]) -> Path:
+    """The run's record (RunHistory.record: steps, losses, outputs, gaps) as JSON, for re-plotting or
+    comparing runs. Atomic; compact, since a long run has a number per step."""
+    path = Path(path)
+    _atomic_write_bytes(path, (json.dumps(_jsonable(dict(record)), separators=(",", ":"), allow_nan=False)
+                               + "\n").encode("utf-8"))
     return path
 
 

@@ -41,7 +41,7 @@ def train(opts: TrainOptions) -> TrainResult:
     from sdtune.data.plan import skipped_summary
     from sdtune.text import CaptionOptions, TextConditioner, build_caption, process_caption
     from sdtune.text.encode import clip_skip_note
-    from sdtune.train import logs, optim, sampling, schedules, state, validation
+    from sdtune.train import history as run_history, logs, optim, sampling, schedules, state, validation
     from sdtune.train.ema import EMA
     from sdtune.train.noise import DiffusionObjective
     from sdtune.train.preflight import check_outputs
@@ -188,6 +188,11 @@ def train(opts: TrainOptions) -> TrainResult:
     if start:  # --initial_step / --initial_epoch: counters only, no data replayed
         position = state.Position(start[0], start[1], 0)
         note(start[2])
+    # the loss at every step and the saves of the whole run, continued from the state's record
+    history = run_history.RunHistory.begin(position.global_step, opts.resume, start and (
+        "--initial_step" if opts.initial_step is not None else "--initial_epoch"))
+    if history.note():
+        note(f"note: {history.note()}")
 
     # --- outputs
     name, epoch_name, step_name = default_names(opts.output_name)
@@ -212,7 +217,8 @@ def train(opts: TrainOptions) -> TrainResult:
             failure = exc
         state.raise_together(failure, accelerator)
         if opts.save_state and not final:
-            state.save_state(accelerator, policy.state_path(stem), position, options_dict, ema, dataset)
+            state.save_state(accelerator, policy.state_path(stem), position, options_dict, ema, dataset,
+                             history.record(losses, outputs, time.time() - started))
         accelerator.wait_for_everyone()
 
     def _save_model(stem: str, step: int, epoch: int) -> None:
@@ -382,7 +388,8 @@ def train(opts: TrainOptions) -> TrainResult:
 
     # --- the end: state on request or interruption, final model, summary
     if stopped or opts.save_state or opts.save_state_on_train_end:  # sd-scripts: --save_state alone writes it too
-        state.save_state(accelerator, out_dir / f"{name}-state", position, options_dict, ema, dataset)
+        state.save_state(accelerator, out_dir / f"{name}-state", position, options_dict, ema, dataset,
+                         history.record(losses, outputs, time.time() - started))
         note(f"training state saved to {out_dir / f'{name}-state'} (continue with --resume)")
     if world > 1:
         _check_replicas(accelerator, unet, note)
@@ -396,10 +403,14 @@ def train(opts: TrainOptions) -> TrainResult:
         if failures.skipped:  # the plan's count, printed before training, did not include these
             note(f"note: {skipped_summary(plan.skipped + failures.skipped)} "
                  f"({len(failures.skipped)} found while training)")
-        plot = logs.plot_loss(out_dir / f"{name}-loss.png", list(range(1, len(losses) + 1)), losses) if losses else None
+        whole = history.record(losses, outputs, seconds)  # the plot and the summary cover every part of the run
+        plot = logs.plot_loss(out_dir / f"{name}-loss.png", whole["steps"], whole["losses"]) if whole["steps"] else None
+        last = [v for v in whole["losses"][-20:] if v is not None]
         logs.write_summary(out_dir / f"{name}-train_summary.json", options_dict, global_step, seconds,
-                           sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None, [str(p) for p in outputs],
+                           sum(last) / len(last) if last else None, whole["outputs"], steps_this_run=len(losses),
                            epochs=epochs_done, stopped=stopped, loss_plot=str(plot) if plot else None,
+                           history=str(logs.write_history(out_dir / f"{name}-history.json", whole)),
+                           resumed_from=opts.resume, seconds_whole_run=whole["seconds"], unrecorded=history.note(),
                            family=model.family.name, trained=settings,
                            skipped_images=[{"path": p, "reason": r} for p, r in plan.skipped + failures.skipped])
         logger.close()

@@ -2,9 +2,11 @@
 
 A state folder holds what accelerate saves (model, optimizer, LR scheduler, gradient scaler, RNG
 states) plus our `train_state.json` — step, epoch and the position in the epoch's batch order, and
-the options that shaped the run — and the EMA weights when EMA is on. Because every random draw in
-the loop comes from a generator derived from (seed, epoch, batch, rank), restoring the position is
-enough to continue with the very numbers an uninterrupted run would have drawn.
+the options that shaped the run — the EMA weights when EMA is on, and `history.json`, the run's loss
+at every step and its saves so far (see train/history.py), which the resumed run continues. Because
+every random draw in the loop comes from a generator derived from (seed, epoch, batch, rank),
+restoring the position is enough to continue with the very numbers an uninterrupted run would have
+drawn.
 
 A state is written to a temporary folder and renamed into place, so a crash or a full disk during
 a save leaves the previous state untouched. A state damaged afterwards (a truncated copy, a failing
@@ -28,6 +30,7 @@ from typing import Any
 from sdtune.errors import UserError, write_error
 
 STATE_FILE = "train_state.json"
+HISTORY_FILE = "history.json"
 FORMAT = 1
 
 # Options that may differ between the run that saved a state and the run that resumes it: where
@@ -77,8 +80,11 @@ def _secrets() -> frozenset[str]:
 
 
 def save_state(accelerator, directory: Path, position: Position, options: dict[str, Any], ema=None,
-               dataset: dict[str, Any] | None = None) -> Path:
-    """Write a state folder atomically (all processes call this; the main process renames)."""
+               dataset: dict[str, Any] | None = None, history: dict[str, Any] | None = None) -> Path:
+    """Write a state folder atomically (all processes call this; the main process renames).
+
+    `history` is the run's record up to this state (RunHistory.record), written inside it so that
+    it is never older or newer than the weights it describes."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".partial")
     if accelerator.is_main_process and tmp.exists():
@@ -86,7 +92,7 @@ def save_state(accelerator, directory: Path, position: Position, options: dict[s
     accelerator.wait_for_everyone()
     failure = None
     try:
-        _write_state(accelerator, directory, tmp, position, options, ema, dataset)
+        _write_state(accelerator, directory, tmp, position, options, ema, dataset, history)
     except BaseException as exc:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial state filling the disk
@@ -120,7 +126,7 @@ def any_process(flag: bool, accelerator) -> bool:
 
 
 def _write_state(accelerator, directory: Path, tmp: Path, position: Position, options: dict[str, Any], ema,
-                 dataset: dict[str, Any] | None) -> None:
+                 dataset: dict[str, Any] | None, history: dict[str, Any] | None = None) -> None:
     from safetensors.torch import save_file
 
     accelerator.save_state(str(tmp), safe_serialization=True)
@@ -134,6 +140,8 @@ def _write_state(accelerator, directory: Path, tmp: Path, position: Position, op
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
             record["ema_updates"] = ema.updates
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        if history is not None:  # compact: a long run's history has a number per step
+            (tmp / HISTORY_FILE).write_text(json.dumps(history, separators=(",", ":"), allow_nan=False) + "\n")
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
             if old.exists():  # left by a crash after the swap below: the state in place is the newer one
