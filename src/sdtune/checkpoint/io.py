@@ -88,9 +88,10 @@ def _read_pickle(path: Path):
             where=str(path),
             fix="Nothing in it was run. Use a .safetensors version of the model, or convert the file in a "
                 "sandbox you trust.") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as exc:
-        raise UserError(f"not a readable checkpoint ({size} bytes; truncated or corrupt?): {type(exc).__name__}: "
-                        f"{str(exc)[:200]}", where=str(path), fix="Download or copy the file again.") from None
+    except Exception as exc:  # noqa: BLE001 - bytes that are no pickle fail anywhere in the unpickler (IndexError...)
+        detail = f"{type(exc).__name__}: {str(exc)[:200]}" if str(exc) else type(exc).__name__
+        raise UserError(f"not a readable checkpoint ({size} bytes; truncated or corrupt?): {detail}", where=str(path),
+                        fix="Download or copy the file again.") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         extras = {k: v for k, v in obj.items() if k != "state_dict" and not isinstance(v, torch.Tensor)}
         obj = obj["state_dict"]
