@@ -15,6 +15,7 @@ folder and is renamed into place, so a crash leaves the previous file intact.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
@@ -116,6 +117,7 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
     tmp: Path | None = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        _clean_up_after_a_kill(final)
         if directory:
             tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
         else:
@@ -142,6 +144,27 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
         if problem is not None:
             raise problem from None
         raise
+
+
+def _clean_up_after_a_kill(final: Path) -> None:
+    """Undo what a save of `final` that was killed (kill -9, a power cut) left behind.
+
+    Such a save had no chance to clean up: its temporary file or folder stays, as big as the model,
+    hidden by its leading dot, and one more piles up with every kill. A folder killed between its two
+    renames is missing, its previous version set aside in `.<name>.old-*`: that version is put back,
+    so that a failure of this save too still leaves it. Saving one name from two processes at once
+    is not supported anyway (the last rename would win), so what matches the names is stale.
+    """
+    stem = glob.escape(f".{final.name}.")
+    for aside in sorted(final.parent.glob(stem + "old-*")):
+        if not final.exists() and (aside / "x").exists():
+            os.replace(aside / "x", final)
+        shutil.rmtree(aside, ignore_errors=True)
+    for tmp in final.parent.glob(stem + "tmp-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, "torch.Tensor"]] | dict, *,
