@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -301,10 +302,13 @@ def test_bad_input(ws, tmp_path, capsys, case):
     capsys.readouterr()
     try:
         argv = build(ws, d)
-        try:
-            code = main(argv)
-        except SystemExit as exc:  # argparse's own errors
-            code = exc.code
+        # a library's warning would print lines of its own around the one line
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse's own errors
+                code = exc.code
     finally:
         context = getattr(build, "context", None)
         if context is not None:
@@ -312,6 +316,7 @@ def test_bad_input(ws, tmp_path, capsys, case):
             context.__exit__(None, None, None)
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
+    assert not [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
     errors = [line for line in captured.err.splitlines() if _ERROR.match(line)]
     if status == 0:
         assert code == 0 and not errors, captured.err

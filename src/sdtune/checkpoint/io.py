@@ -22,6 +22,7 @@ import pickle
 import shutil
 import struct
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -81,7 +82,10 @@ def _read_pickle(path: Path):
     size = path.stat().st_size
     mmap = zipfile.is_zipfile(path)  # only the zip format (torch >= 1.6) can be memory-mapped
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            # torch's remark on a pickle protocol other than 2, printed before the file's real problem
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         first = str(exc).split("\n\n")[0].strip().splitlines()[-1][:300]
         raise UserError(
