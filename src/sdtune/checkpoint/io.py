@@ -15,12 +15,14 @@ folder and is renamed into place, so a crash leaves the previous file intact.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
 import shutil
 import struct
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -80,7 +82,10 @@ def _read_pickle(path: Path):
     size = path.stat().st_size
     mmap = zipfile.is_zipfile(path)  # only the zip format (torch >= 1.6) can be memory-mapped
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            # torch's remark on a pickle protocol other than 2, printed before the file's real problem
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         first = str(exc).split("\n\n")[0].strip().splitlines()[-1][:300]
         raise UserError(
@@ -88,9 +93,10 @@ def _read_pickle(path: Path):
             where=str(path),
             fix="Nothing in it was run. Use a .safetensors version of the model, or convert the file in a "
                 "sandbox you trust.") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as exc:
-        raise UserError(f"not a readable checkpoint ({size} bytes; truncated or corrupt?): {type(exc).__name__}: "
-                        f"{str(exc)[:200]}", where=str(path), fix="Download or copy the file again.") from None
+    except Exception as exc:  # noqa: BLE001 - bytes that are no pickle fail anywhere in the unpickler (IndexError...)
+        detail = f"{type(exc).__name__}: {str(exc)[:200]}" if str(exc) else type(exc).__name__
+        raise UserError(f"not a readable checkpoint ({size} bytes; truncated or corrupt?): {detail}", where=str(path),
+                        fix="Download or copy the file again.") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         extras = {k: v for k, v in obj.items() if k != "state_dict" and not isinstance(v, torch.Tensor)}
         obj = obj["state_dict"]
@@ -115,6 +121,7 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
     tmp: Path | None = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        _clean_up_after_a_kill(final)
         if directory:
             tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
         else:
@@ -141,6 +148,27 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
         if problem is not None:
             raise problem from None
         raise
+
+
+def _clean_up_after_a_kill(final: Path) -> None:
+    """Undo what a save of `final` that was killed (kill -9, a power cut) left behind.
+
+    Such a save had no chance to clean up: its temporary file or folder stays, as big as the model,
+    hidden by its leading dot, and one more piles up with every kill. A folder killed between its two
+    renames is missing, its previous version set aside in `.<name>.old-*`: that version is put back,
+    so that a failure of this save too still leaves it. Saving one name from two processes at once
+    is not supported anyway (the last rename would win), so what matches the names is stale.
+    """
+    stem = glob.escape(f".{final.name}.")
+    for aside in sorted(final.parent.glob(stem + "old-*")):
+        if not final.exists() and (aside / "x").exists():
+            os.replace(aside / "x", final)
+        shutil.rmtree(aside, ignore_errors=True)
+    for tmp in final.parent.glob(stem + "tmp-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, "torch.Tensor"]] | dict, *,

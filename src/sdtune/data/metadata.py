@@ -45,7 +45,8 @@ def read_metadata(path: str | Path) -> dict[str, dict]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise UserError("metadata file is not UTF-8 text", where=str(path)) from None
+        raise UserError("metadata file is not UTF-8 text", where=str(path),
+                        fix="Re-save it as UTF-8 (sdtune merge and the sd-scripts tools write UTF-8).") from None
     if path.suffix.lower() == ".jsonl":
         return _read_jsonl(text, path)
     try:
@@ -71,7 +72,8 @@ def _read_jsonl(text: str, path: Path) -> dict[str, dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"line {lineno} is not valid JSON ({exc.msg})", where=str(path)) from None
+            raise UserError(f"line {lineno} is not valid JSON ({exc.msg})", where=str(path),
+                            fix="Fix that line, or name the file .json if it holds one JSON object.") from None
         if not isinstance(record, dict) or not isinstance(record.get("image_path"), str):
             raise UserError(f"line {lineno} has no \"image_path\" string", where=str(path),
                             fix='Each line must be {"image_path": "...", "caption": "..."}.')
@@ -105,7 +107,8 @@ def _text(value, key: str, field: str, where: str) -> str | None:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return ", ".join(value)  # some taggers write tag lists
     if not isinstance(value, str):
-        raise UserError(f"{field!r} of {key!r} is a {type(value).__name__}, expected text", where=where)
+        raise UserError(f"{field!r} of {key!r} is a {type(value).__name__}, expected text", where=where,
+                        fix=f'Write it as a string: "{field}": "...".')
     return value
 
 
@@ -169,5 +172,6 @@ def load_records(metadata_file: str | Path, image_dir: str | Path | None) -> lis
         raise UserError(f"{len(missing)} of {len(raw)} images in the metadata were not found: {listed}{more}",
                         where=where, fix=fix)
     if not records:
-        raise UserError("the metadata lists no images", where=where)
+        raise UserError("the metadata lists no images", where=where,
+                        fix="Write the images' captions into it with `sdtune merge` (or sd-scripts' merge scripts).")
     return records
