@@ -262,7 +262,7 @@ CASES = [
      "timestep"),
     ("option-unknown-save-format", lambda ws, d: _train(ws, "--save_model_as", "onnx"), 2, "--save_model_as"),
     # state folders given to --resume
-    ("state-missing", lambda ws, d: _train(ws, "--max_train_steps", "2", "--resume", str(d / "nostate")), 2, "nostate"),
+    ("state-missing", lambda ws, d: _train(ws, "--max_train_steps", "2", "--resume", str(d / "nostate")), 2, "does not exist"),
     ("state-not-a-state", lambda ws, d: (d / "plain").mkdir() or _train(ws, "--max_train_steps", "2", "--resume",
                                                                           str(d / "plain")), 2, "plain"),
     ("state-truncated-optimizer", lambda ws, d: _resume_damaged(ws, d, "optimizer.bin"), 2, "optimizer.bin"),

@@ -166,13 +166,17 @@ def resolve_state_dir(directory: str | Path) -> Path:
 def read_state(directory: str | Path) -> dict[str, Any]:
     directory = resolve_state_dir(directory)
     path = directory / STATE_FILE
+    if not directory.exists():
+        raise UserError("the state folder to resume from does not exist", where=str(directory),
+                        fix="Check the path given to --resume; states are written as <output_name>-state or "
+                            "<output_name>-000004-state in --output_dir.")
     if not path.is_file():
         raise UserError(f"not a training state folder (no {STATE_FILE})", where=str(directory),
                         fix="Pass a folder written by --save_state, such as <output_name>-000004-state.")
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"corrupt {STATE_FILE} ({exc})", where=str(directory)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"corrupt {STATE_FILE} ({exc})", where=str(directory), fix=_DAMAGED_FIX) from None
     if record.get("format") != FORMAT:
         raise UserError(f"state format {record.get('format')} is not supported (expected {FORMAT})", where=str(directory))
     check_state_files(directory)
