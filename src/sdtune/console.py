@@ -106,8 +106,18 @@ def note(message: str, *, stderr: bool = False) -> None:
 
 
 def plural(n: int, noun: str, plural_form: str | None = None) -> str:
-    """ "1 image", "3 images", "0 images"; `plural_form` for nouns that do not just take an "s"."""
-    return f"{n} {noun if n == 1 else plural_form or noun + 's'}"
+    """ "1 image", "3 images", "0 images", "2 batches", "4 entries"; `plural_form` for other nouns.
+    The last word of `noun` is the one counted ("1 tag line", "2 tag lines")."""
+    if n == 1:
+        return f"{n} {noun}"
+    if plural_form is None:
+        if noun.endswith(("s", "x", "ch", "sh")):
+            plural_form = noun + "es"
+        elif noun.endswith("y") and noun[-2:-1] not in ("a", "e", "i", "o", "u"):
+            plural_form = noun[:-1] + "ies"
+        else:
+            plural_form = noun + "s"
+    return f"{n} {plural_form}"
 
 
 def log_error(message: str) -> None:

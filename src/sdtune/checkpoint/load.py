@@ -251,14 +251,13 @@ def _load_diffusers_folder(path: Path, v2, v_param, dtype):
 
 def _load_hub(repo: str, v2, v_param, dtype):
     """A Hub id through diffusers' / transformers' own `from_pretrained` (cache or download)."""
+    import warnings
+
+    local = {"local_files_only": cache_only(repo, where=repo)}  # fast when the hub cannot be reached
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from sdtune.model import SDModel
-
-    import warnings
-
-    local = {"local_files_only": cache_only(repo, where=repo)}  # fast when the hub cannot be reached
     try:
         with warnings.catch_warnings():
             # diffusers passes huggingface_hub a deprecated argument: a warning for them, not our users

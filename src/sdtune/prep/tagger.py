@@ -8,7 +8,6 @@ metadata file with `output_path`.
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +78,7 @@ def load_tagger(model: str = wd14.DEFAULT_REPO, *, kind: str = "auto", model_dir
         raise UserError("this model has no rating labels", where="--use_rating_tags")
     labels, unmatched = prepare_labels(raw, options)
     if unmatched:
-        print(f"warning: --tag_replacement: no tag named {', '.join(map(repr, unmatched))} in this model",
-              file=sys.stderr)
+        print(f"warning: --tag_replacement: no tag named {', '.join(map(repr, unmatched))} in this model")
     return Tagger(kind, folder, onnx, labels, height, width, prep)
 
 
@@ -102,7 +100,7 @@ def tag_images(image_dir: str | Path, tagger: Tagger, *, options: TagOptions = T
         raise UserError("must be 0 or more", where="--max_data_loader_n_workers")
     if tagger.model.batch is not None and batch_size != tagger.model.batch:
         print(f"note: the model has a fixed batch size of {tagger.model.batch}; running it in chunks of "
-              f"{tagger.model.batch}", file=sys.stderr)
+              f"{tagger.model.batch}")
     caption_extension = normalize_extension(caption_extension)
     images = find_images(image_dir, recursive)
     result = TagResult()

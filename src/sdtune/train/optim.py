@@ -175,7 +175,7 @@ def _import_module(module_name: str):
             return importlib.import_module(module_name)
     except ImportError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a broken install fails in many ways; the user needs one line
+    except Exception as exc:  # a broken install fails in many ways; the user needs one line
         raise ImportError(f"{type(exc).__name__}: {exc}") from exc
 
 
