@@ -176,38 +176,49 @@ def _closed_port() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed when the block ends: connection refused
 
 
-TIMED_CONVERT = """
+TIMED = """
     import sys, time
     import diffusers, torch, transformers  # imported before the clock starts
     from sdtune.cli import main
-    start = time.monotonic()
-    code = main(["convert", "{repo}", "{out}"])
-    print(f"EXIT {{code}} {{time.monotonic() - start:.1f}}")
+    for argv in {argvs!r}:
+        start = time.monotonic()
+        code = main(argv)
+        print(f"EXIT {{code}} {{time.monotonic() - start:.1f}}")
 """
 
 
-def _timed(proc) -> tuple[int, float]:
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("EXIT ")), None)
-    assert line, proc.stdout[-2000:] + proc.stderr[-2000:]
-    code, seconds = line.split()[1:]
-    return int(code), float(seconds)
+def _timed(proc) -> list[tuple[int, float]]:
+    lines = [l.split()[1:] for l in proc.stdout.splitlines() if l.startswith("EXIT ")]
+    assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return [(int(code), float(seconds)) for code, seconds in lines]
 
 
-@pytest.mark.parametrize("endpoint", ["closed port", "hub down"])
-def test_an_unreachable_hub_is_one_line_in_seconds(endpoint, tmp_path, run_in_session):
-    hub = _Hub() if endpoint == "hub down" else None
-    env = {"HF_HUB_OFFLINE": None, "HF_ENDPOINT": hub.url if hub else _closed_port(),
-           "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
-    proc = _python(run_in_session, TIMED_CONVERT.format(repo="some-org/some-model", out=tmp_path / "o"), env=env)
-    code, seconds = _timed(proc)
+def test_an_unreachable_hub_is_one_line_in_seconds(tmp_path, run_in_session):
+    env = {"HF_HUB_OFFLINE": None, "HF_ENDPOINT": _closed_port(), "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    proc = _python(run_in_session, TIMED.format(argvs=[["convert", "some-org/some-model", str(tmp_path / "o")]]),
+                   env=env)
+    [(code, seconds)] = _timed(proc)
     assert code == 2 and seconds < 8, (seconds, proc.stderr[-2000:])  # the libraries' retries took 28-51 s
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: some-org/some-model: "), proc.stderr
     assert "not in the local Hugging Face cache" in lines[0] and "cannot be reached" in lines[0]
     assert "HF_HUB_OFFLINE=1" in lines[0] and "Retrying" not in proc.stdout
-    if hub:
-        assert hub.requests == 1  # asked once
-        hub.shutdown()
+
+
+def test_a_hub_that_is_down_is_asked_once(tmp_path, run_in_session):
+    """The model and the tagger of one process: one request in all, one line each."""
+    make_dataset(tmp_path / "images", n=1, seed=0)
+    hub = _Hub()
+    env = {"HF_HUB_OFFLINE": None, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    argvs = [["convert", "some-org/some-model", str(tmp_path / "o")],
+             ["tag", str(tmp_path / "images"), "--repo_id", "some-org/some-tagger", "--model_dir", str(tmp_path / "m")]]
+    proc = _python(run_in_session, TIMED.format(argvs=argvs), env=env)
+    hub.shutdown()
+    assert [code for code, _s in _timed(proc)] == [2, 2] and all(s < 8 for _c, s in _timed(proc)), proc.stderr
+    assert hub.requests == 1
+    model, tagger = proc.stderr.splitlines()
+    assert model.startswith("error: some-org/some-model: ") and "cannot be reached (HTTP 503)" in model
+    assert tagger.startswith("error: --repo_id: cannot fetch model.onnx") and "cannot be reached: HTTP 503" in tagger
 
 
 def _cache_entry(cache: Path, repo: str, model: Path) -> None:
@@ -226,9 +237,9 @@ def test_a_cached_hub_id_loads_without_the_hub(tmp_path, run_in_session):
     _cache_entry(tmp_path / "cache", "tiny-org/tiny-sd", tmp_path / "model")
     hub = _Hub()
     env = {"HF_HUB_OFFLINE": None, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache")}
-    proc = _python(run_in_session, TIMED_CONVERT.format(repo="tiny-org/tiny-sd", out=tmp_path / "o.safetensors"),
+    proc = _python(run_in_session, TIMED.format(argvs=[["convert", "tiny-org/tiny-sd", str(tmp_path / "o.safetensors")]]),
                    env=env)
-    code, _seconds = _timed(proc)
+    [(code, _seconds)] = _timed(proc)
     assert code == 0, proc.stderr[-2000:]
     assert hub.requests == 1  # one question; then the cache only, no retries
     hub.shutdown()

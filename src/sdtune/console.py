@@ -262,20 +262,15 @@ def keep_bitsandbytes_unloaded() -> None:
 
 @contextlib.contextmanager
 def quiet_import():
-    """Imports whose chatter is not for our users (bitsandbytes reports optional kernels it did not
-    find on stdout, stderr, logging or warnings). An exception still comes out, with what was said
-    kept on it as `exc.import_output` for the error message."""
+    """An import whose chatter is not for our users (bitsandbytes reports optional kernels it did not
+    find): what it prints, logs or warns is dropped; an exception still comes out."""
     out = io.StringIO()
-    handler = logging.StreamHandler(out)
     root = logging.getLogger()
     saved = root.handlers[:]
-    root.handlers[:] = [handler]  # every record propagates here, none reaches lastResort on stderr
+    root.handlers[:] = [logging.StreamHandler(out)]  # records end here, not in lastResort or a log file
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             warnings.simplefilter("ignore")
             yield
-    except BaseException as exc:
-        exc.import_output = out.getvalue()
-        raise
     finally:
         root.handlers[:] = saved

@@ -4,7 +4,7 @@ diffusers and transformers retry an unreachable hub for half a minute or more, f
 they give up or fall back to the cache. sdtune asks once per process instead, with one request
 that gets a few seconds: a reachable hub lets the libraries download or update as usual; an
 unreachable one means the local cache only (`local_files_only`), and an id that is not cached is
-one line saying so. HF_HUB_OFFLINE=1 skips the request.
+one line saying so. HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1) skips the request.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ PROBE_SECONDS = 3.0
 def cache_only(repo: str, where: str) -> bool:
     """True when `repo` must be loaded from the local cache (offline, or the hub does not answer);
     False when the hub answers. UserError when it is needed and neither has it."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants, is_offline_mode
 
     local_model = (f"Give the path of a local model (e.g. one fetched elsewhere with `hf download {repo} "
                    f"--local-dir models/{repo.split('/')[-1]}`)")
-    if constants.HF_HUB_OFFLINE:
+    if is_offline_mode():
         if not is_cached(repo):
             raise UserError(f"{repo!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                             "HF_HUB_OFFLINE is set", where=where,

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from sdtune.console import plural
 from sdtune.errors import UserError
 from sdtune.prep import deepdanbooru, wd14
 from sdtune.prep.files import (atomic_write_text, check_metadata_name, find_images, load_image, normalize_extension,
@@ -72,7 +73,8 @@ def load_tagger(model: str = wd14.DEFAULT_REPO, *, kind: str = "auto", model_dir
             raise UserError("the model's input size is not fixed and no project.json gives it", where=str(onnx.path))
         height, width = fallback
     if onnx.outputs is not None and onnx.outputs != len(raw):
-        raise UserError(f"the model has {onnx.outputs} outputs but the label file lists {len(raw)} tags",
+        raise UserError(f"the model has {plural(onnx.outputs, 'output')} but the label file lists "
+                        f"{plural(len(raw), 'tag')}",
                         where=str(folder), fix="The label file belongs to another model; use the one shipped with it.")
     if options.rating != "none" and not any(cat == RATING for _, cat in raw):
         raise UserError("this model has no rating labels", where="--use_rating_tags")

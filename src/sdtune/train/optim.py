@@ -165,7 +165,7 @@ def parse_key_values(items: Iterable[str], where: str, *, text_fallback: bool = 
 
 def _import_module(module_name: str):
     """bitsandbytes (imported only here, for an 8-bit optimizer) without its import-time chatter
-    about optional kernels; a failure still raises, with what it said kept for the message."""
+    about optional kernels; any failure of a broken install comes out as an ImportError."""
     if module_name.split(".")[0] != _BNB:
         return importlib.import_module(module_name)
     from sdtune.console import quiet_import
