@@ -89,9 +89,10 @@ class DatasetPlan:
         have = self.total_samples()
         if have < need or self.batches_per_epoch(num_processes) == 0:
             raise UserError(
-                f"the dataset has {have} samples per epoch (repeats included) in {len(self.groups())} buckets, but one "
-                f"optimizer step needs batch size {batch} x {num_processes} processes x {gradient_accumulation_steps} "
-                f"accumulation steps = {need}",
+                f"the dataset has {plural(have, 'sample')} per epoch (repeats included) in "
+                f"{plural(len(self.groups()), 'bucket')}, but one optimizer step needs batch size {batch} x "
+                f"{plural(num_processes, 'process')} x {plural(gradient_accumulation_steps, 'accumulation step')} "
+                f"= {need}",
                 where=str(self.options.dataset_config or self.options.in_json),
                 fix="Add images, raise num_repeats / --dataset_repeats, or lower the batch size, process count or "
                     "--gradient_accumulation_steps.")
