@@ -17,16 +17,17 @@ from sdtune.errors import UserError
 PROBE_SECONDS = 3.0
 
 
-def cache_only(repo: str, where: str) -> bool:
+def cache_only(repo: str, where: str, what: str = "") -> bool:
     """True when `repo` must be loaded from the local cache (offline, or the hub does not answer);
-    False when the hub answers. UserError when it is needed and neither has it."""
+    False when the hub answers. UserError when it is needed and neither has it; `what` ("the VAE")
+    names the repository in it."""
     from huggingface_hub import constants, is_offline_mode
 
     local_model = (f"Give the path of a local model (e.g. one fetched elsewhere with `hf download {repo} "
                    f"--local-dir models/{repo.split('/')[-1]}`)")
     if is_offline_mode():
         if not is_cached(repo):
-            raise UserError(f"{repo!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+            raise UserError(f"{what + ' ' if what else ''}{repo!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                             "HF_HUB_OFFLINE is set", where=where,
                             fix=f"{local_model}, or unset HF_HUB_OFFLINE to download it.")
         return True
@@ -38,7 +39,7 @@ def cache_only(repo: str, where: str) -> bool:
 
         note(f"note: the Hugging Face hub cannot be reached ({reason}); {repo} is loaded from the local cache")
         return True
-    raise UserError(f"{repo!r} is not in the local Hugging Face cache and the hub ({constants.ENDPOINT}) cannot "
+    raise UserError(f"{what + ' ' if what else ''}{repo!r} is not in the local Hugging Face cache and the hub ({constants.ENDPOINT}) cannot "
                     f"be reached ({reason})", where=where,
                     fix=f"{local_model}, or set HF_HUB_OFFLINE=1 to use only models already in the cache.")
 

@@ -373,7 +373,7 @@ def _vae_from_hub(repo: str, dtype, label: str):
     from diffusers import AutoencoderKL
 
     errors = []
-    local = cache_only(repo, where=label)
+    local = cache_only(repo, where=label, what="the VAE")
     for sub in (None, "vae"):  # a VAE repository, else a model repository's vae/ (as sd-scripts tries)
         try:
             with warnings.catch_warnings():
