@@ -62,8 +62,8 @@ def test_train_reuses_what_cache_wrote(ws, tmp_path, capsys, stored):
     assert cache_run.calls > 0
     entries = _entries(tmp_path)
     assert len(entries) == 5  # one per image (no flip_aug)
-    err = capsys.readouterr().err
-    assert "0 reused, 5 encoded, 0 images skipped" in err
+    out = capsys.readouterr().out
+    assert "0 reused, 5 encoded, 0 images skipped" in out
 
     with EncoderCalls() as train_run:
         code = main(["train", "--pretrained_model_name_or_path", model, *data, "--output_dir", str(tmp_path / "out"),
@@ -76,7 +76,7 @@ def test_train_reuses_what_cache_wrote(ws, tmp_path, capsys, stored):
     # a second cache run reuses everything too
     with EncoderCalls() as again:
         assert main(["cache", "--pretrained_model_name_or_path", model, *data]) == 0
-    assert again.calls == 0 and "5 reused, 0 encoded" in capsys.readouterr().err
+    assert again.calls == 0 and "5 reused, 0 encoded" in capsys.readouterr().out
 
 
 def test_cache_dry_run_needs_no_model_and_writes_nothing(tmp_path, capsys):
@@ -107,7 +107,7 @@ def test_sd_scripts_prepare_buckets_latents_command_line(ws, tmp_path, capsys):
                      "--max_resolution", "64,64", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
                      "--bucket_reso_steps", "32", "--mixed_precision", "no", "--skip_existing"])
     assert code == 0 and prep.calls > 0
-    err = capsys.readouterr().err
+    out = capsys.readouterr().out
     meta = json.loads((tmp_path / "meta_lat.json").read_text())
     original = json.loads((tmp_path / "meta.json").read_text())
     assert meta.keys() == original.keys()
@@ -124,7 +124,7 @@ def test_sd_scripts_prepare_buckets_latents_command_line(ws, tmp_path, capsys):
         assert w * h <= 64 * 64 and w % 32 == 0 and h % 32 == 0
 
     # the training line it prints reuses every entry: no VAE encoder call
-    line = next(l for l in err.splitlines() if l.startswith("train with the cached latents:"))
+    line = next(l for l in out.splitlines() if l.startswith("train with the cached latents:"))
     flags = shlex.split(line.split("fine_tune.py) ", 1)[1].split(" ...", 1)[0])
     assert flags[:2] == ["--in_json", str(tmp_path / "meta_lat.json")]
     with EncoderCalls() as train_run:

@@ -98,7 +98,7 @@ def test_plan_skips_bad_files_with_reasons_and_strict_fails(corpus):
     by_name = {s.path.split("/")[-1]: s for s in plan.samples}
     assert by_name["rotated.jpg"].size == (20, 60) and by_name["rotated.jpg"].bucket[1] > by_name["rotated.jpg"].bucket[0]
     assert by_name["wide.png"].bucket == (128, 32)  # 10:1 goes to the widest bucket
-    assert "2 images skipped" in plan.summary() and "lose more than 25%" in plan.summary()
+    assert "2 images skipped" in plan.summary() and "1 image loses more than 25%" in plan.summary()
     with pytest.raises(UserError, match="bad image"):
         build_plan(_opts(corpus, strict=True), seed=0, warn=warnings.append)
 

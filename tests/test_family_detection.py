@@ -129,10 +129,10 @@ def test_v_parameterization_on_a_file_marked_epsilon_warns_once(ws, capsys):
     for path in (ws / "sd1.safetensors", ws / "sd1-diffusers"):
         model = ck.load_model(path, v_parameterization=True)
         assert model.family.prediction_type == "v_prediction"
-        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
         assert len(warnings) == 1 and "epsilon" in warnings[0] and "--v_parameterization" in warnings[0]
     ck.load_model(ws / "bare.safetensors", v_parameterization=True)  # nothing said: nothing to contradict
-    assert "warning:" not in capsys.readouterr().err
+    assert "warning:" not in capsys.readouterr().out
 
 
 def test_sd2_clip_skip_maps_onto_sd_scripts_counting(ws, tmp_path, capsys):

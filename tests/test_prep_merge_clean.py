@@ -111,7 +111,7 @@ def test_sd_scripts_merge_command_lines(folder, tmp_path, capsys):
     assert main(["merge", "--only", "tags", str(folder), str(dd), "--in_json", str(cap)]) == 0
     meta = json.loads(dd.read_text())
     assert meta["a"] == {"caption": "a cat", "tags": "cat, solo"} and meta["c"] == {"tags": "bird"}
-    assert "2 image(s) have no tag file" in capsys.readouterr().out
+    assert "2 images have no tag file" in capsys.readouterr().out
     clean = tmp_path / "meta_clean.json"
     assert main(["clean", str(dd), str(clean), str(folder)]) == 0
     assert json.loads(clean.read_text())["a"]["tags"] == "cat, solo"
@@ -149,7 +149,7 @@ def test_tag_command_with_sd_scripts_flags(tmp_path, capsys):
     # blue: long_hair 1, solo 0.9 (undesired), (o)_(o) 0.6, ganyu 0.4; rating explicit (1.0) first
     assert (data / "blue.tags").read_text() == "explicit, long hair, (o)_(o), ganyu (genshin impact)\n"
     out = capsys.readouterr().out
-    assert "tagged 1 image(s)" in out and "long hair" in out.split("tag frequencies:")[1]
+    assert "tagged 1 image\n" in out and "long hair" in out.split("tag frequencies:")[1]
     assert main(argv) == 0 and "skipped 1 that already had tags" in capsys.readouterr().out
     assert main(["tag", str(data), "--repo_id", str(model), "--copyright_threshold", "0.5"]) == 2
     assert "--copyright_threshold" in capsys.readouterr().err

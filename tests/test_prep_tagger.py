@@ -316,7 +316,7 @@ def test_deepdanbooru_folder(tmp_path):
 def test_bad_inputs_are_user_errors(tmp_path):
     model = make_wd14(tmp_path / "model")
     (model / "selected_tags.csv").write_text("tag_id,name,category,count\n0,a,0,1\n")
-    with pytest.raises(UserError, match="1 tags"):
+    with pytest.raises(UserError, match=r"label file lists 1 tag\. "):
         load_tagger(str(model))
     with pytest.raises(UserError, match="hub"):
         load_tagger("SmilingWolf/wd-swinv2-tagger-v3", model_dir=str(tmp_path / "dl"))

@@ -65,7 +65,7 @@ def test_a_complete_cache_on_read_only_storage_is_read_without_writing(ws, tmp_p
         out = capsys.readouterr()
         assert "all 3 entries up to date" in out.out + out.err
         assert main(["cache", *_data(ws, images)]) == 0
-        assert "3 reused, 0 encoded" in capsys.readouterr().err
+        assert "3 reused, 0 encoded" in capsys.readouterr().out
     assert _files(images) == before
     assert (tmp_path / "second" / "last.safetensors").is_file()
 

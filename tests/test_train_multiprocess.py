@@ -55,7 +55,7 @@ def test_two_cpu_processes_train_one_model(tmp_path, run_in_session):
     assert firsts["1"] != firsts["2"]  # each process draws its own share of the images
 
     # 4 images, batch 1, 2 processes: 2 optimizer steps per epoch (a single process takes 4)
-    assert "with 2 process(es)" in out and "2 optimizer steps per epoch" in out
+    assert "with 2 processes" in out and "2 optimizer steps per epoch" in out
     summary = json.loads((tmp_path / "out" / "last-train_summary.json").read_text())
     assert summary["steps"] == 2
     # each optimizer step saw batch 1 x 2 processes = 2 images, and the run records that

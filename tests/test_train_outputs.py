@@ -252,7 +252,7 @@ def test_validate_every_n_epochs_and_max_validation_steps(ws, tmp_path, capsys):
     assert "validation: 2 held-out images in 2 batches" in capsys.readouterr().out
     capped = _train(_args(ws, tmp_path / "c", "--train_batch_size", "1", "--max_train_epochs", "4",
                           "--validation_split", "0.5", "--validate_every_n_epochs", "2", "--max_validation_steps", "1"))
-    assert "validation: 1 held-out images in 1 batches" in capsys.readouterr().out
+    assert "validation: 1 held-out image in 1 batch," in capsys.readouterr().out
     # the same training, a loss over the first held-out batch only
     assert [s for s, _ in capped.validation_losses] == [4, 8]
     assert capped.validation_losses != result.validation_losses

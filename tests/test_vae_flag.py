@@ -109,13 +109,13 @@ def test_cache_command_takes_vae_and_a_different_vae_reencodes(ws, tmp_path, cap
             "--max_data_loader_n_workers", "0", "--cache_dir", str(tmp_path / "cache")]
     model = ["--pretrained_model_name_or_path", str(ws / "a.safetensors")]
     assert main(["cache", *model, *data]) == 0
-    assert "2 encoded" in capsys.readouterr().err
+    assert "2 encoded" in capsys.readouterr().out
     assert main(["cache", *model, "--vae", str(ws / "vae_ldm.safetensors"), *data]) == 0
-    err = capsys.readouterr().err
-    assert "2 VAE changed" in err and "0 reused, 2 encoded" in err
+    out = capsys.readouterr().out
+    assert "2 VAE changed" in out and "0 reused, 2 encoded" in out
     # the same VAE in another form (a whole checkpoint) has the same weights: reused
     assert main(["cache", *model, "--vae", str(ws / "b.safetensors"), *data]) == 0
-    assert "2 reused, 0 encoded" in capsys.readouterr().err
+    assert "2 reused, 0 encoded" in capsys.readouterr().out
 
 
 def _bad(path, tensors):
@@ -139,7 +139,7 @@ def test_bad_vae_gets_one_line(ws, like, tmp_path, capsys):
         "8-channel latents": _bad(tmp_path / "wide.safetensors", wide),
         "VAE not found": tmp_path / "nowhere.safetensors",
         "not a Diffusers VAE folder": tmp_path,
-        "could not load the VAE": "someone/no-such-vae",
+        "the VAE 'someone/no-such-vae' is not in the local Hugging Face cache": "someone/no-such-vae",
     }
     for needle, path in cases.items():
         with pytest.raises(UserError, match=needle):

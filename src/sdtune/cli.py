@@ -17,7 +17,7 @@ import os
 import re
 import sys
 
-from sdtune.console import log_error
+from sdtune.console import keep_bitsandbytes_unloaded, log_error
 from sdtune.errors import UserError
 
 # name -> (module, one-line help)
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.print_help()
         return 2
     debug = getattr(args, "debug", False) or os.environ.get("SDTUNE_DEBUG") == "1"
+    keep_bitsandbytes_unloaded()  # imported by an 8-bit optimizer only, not with every model
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except UserError as exc:

@@ -13,15 +13,31 @@ lines, the libraries' warnings on stderr, and the libraries' own notices and pro
     --console_log_simple     plain lines: the libraries' lines on stdout with ours, as print()
                              does; in the file, the message alone
 
+Streams: stdout carries everything sdtune says (plans, model, notes, warnings, saves, summaries);
+stderr carries only the error line that ends a command, the progress bar and the libraries' own
+lines, so `2>/dev/null` hides the libraries' noise and nothing of ours.
+
+Counts in messages go through `plural()` ("1 image", "2 images").
+
+bitsandbytes is imported only for an 8-bit optimizer (`keep_bitsandbytes_unloaded`,
+`quiet_import`): diffusers would otherwise import it with every model, which costs seconds and, on
+some CPUs, prints a line about an optional kernel package.
+
 No torch here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.abc
+import io
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
+from types import ModuleType
 
 from sdtune.errors import UserError
 
@@ -87,6 +103,21 @@ def note(message: str, *, stderr: bool = False) -> None:
     head = message.lstrip().lower()
     level = logging.WARNING if head.startswith(("note:", "warning:")) else logging.INFO
     _LOG.log(level, message, extra={"stderr": stderr})
+
+
+def plural(n: int, noun: str, plural_form: str | None = None) -> str:
+    """ "1 image", "3 images", "0 images", "2 batches", "4 entries"; `plural_form` for other nouns.
+    The last word of `noun` is the one counted ("1 tag line", "2 tag lines")."""
+    if n == 1:
+        return f"{n} {noun}"
+    if plural_form is None:
+        if noun.endswith(("s", "x", "ch", "sh")):
+            plural_form = noun + "es"
+        elif noun.endswith("y") and noun[-2:-1] not in ("a", "e", "i", "o", "u"):
+            plural_form = noun[:-1] + "ies"
+        else:
+            plural_form = noun + "s"
+    return f"{n} {plural_form}"
 
 
 def log_error(message: str) -> None:
@@ -173,3 +204,73 @@ _LOG.propagate = False
 _DEFAULT = _Terminal("stdout")
 _LOG.addHandler(_DEFAULT)
 _LOG.setLevel(logging.INFO)
+
+
+# ---------------------------------------------------------------- bitsandbytes only when asked for
+
+
+def _bitsandbytes_off(import_utils: ModuleType) -> None:
+    # diffusers decides once, when its import_utils module runs, whether bitsandbytes is installed,
+    # and then imports it with every model for its 4-bit/8-bit loaders, which sdtune never uses. It
+    # has no public switch, so this is the one place where sdtune sets its private flag; an 8-bit
+    # optimizer imports bitsandbytes itself (quiet_import).
+    import_utils._bitsandbytes_available = False
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `then(module)` right after the module `name` is first executed."""
+
+    def __init__(self, name: str, then):
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # once; the other finders locate the module as usual
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None and spec.loader is not None:
+                spec.loader = _ThenLoader(spec.loader, self.then)
+                return spec
+        return None
+
+
+class _ThenLoader(importlib.abc.Loader):
+    def __init__(self, loader, then):
+        self._loader, self._then = loader, then
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._then(module)
+
+    def __getattr__(self, name):  # get_source, get_filename, ... for tracebacks and inspect
+        return getattr(self._loader, name)
+
+
+def keep_bitsandbytes_unloaded() -> None:
+    """Keep diffusers from importing bitsandbytes with its models (see the module doc). Imports
+    nothing: when diffusers is not loaded yet, the flag is set as it loads."""
+    name = "diffusers.utils.import_utils"
+    if name in sys.modules:
+        _bitsandbytes_off(sys.modules[name])
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, _bitsandbytes_off))
+
+
+@contextlib.contextmanager
+def quiet_import():
+    """An import whose chatter is not for our users (bitsandbytes reports optional kernels it did not
+    find): what it prints, logs or warns is dropped; an exception still comes out."""
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers[:] = [logging.StreamHandler(out)]  # records end here, not in lastResort or a log file
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.handlers[:] = saved

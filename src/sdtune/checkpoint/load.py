@@ -25,6 +25,7 @@ from . import vae as va
 from .convert import from_original
 from .detect import Detection, detect_diffusers, detect_single_file, view_of
 from .header import is_hub_id, read_diffusers_configs
+from .hub import cache_only
 from .io import read_state_dict
 
 CONFIGS_KEY = "sdtune.configs"  # safetensors metadata / .ckpt top-level entry: our component configs
@@ -52,9 +53,9 @@ def load_model(path_or_id, *, v2: bool | None = None, v_parameterization: bool |
     if verbose:
         from sdtune.console import note  # the level and log file of --console_log_* apply
 
-        note(f"model: {model.source}: {model.family.title} ({model.detection})", stderr=True)
+        note(f"model: {model.source}: {model.family.title} ({model.detection})")
         for line in found.warnings:
-            note(f"warning: {line}", stderr=True)
+            note(f"warning: {line}")
     return model
 
 
@@ -250,22 +251,22 @@ def _load_diffusers_folder(path: Path, v2, v_param, dtype):
 
 def _load_hub(repo: str, v2, v_param, dtype):
     """A Hub id through diffusers' / transformers' own `from_pretrained` (cache or download)."""
+    import warnings
+
+    local = {"local_files_only": cache_only(repo, where=repo)}  # fast when the hub cannot be reached
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from sdtune.model import SDModel
-
-    import warnings
-
     try:
         with warnings.catch_warnings():
             # diffusers passes huggingface_hub a deprecated argument: a warning for them, not our users
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-            unet = UNet2DConditionModel.from_pretrained(repo, subfolder="unet", torch_dtype=dtype)
-            vae = AutoencoderKL.from_pretrained(repo, subfolder="vae", torch_dtype=dtype)
-            text_encoder = CLIPTextModel.from_pretrained(repo, subfolder="text_encoder", dtype=dtype)
-            tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer")
-            sched = dict(DDPMScheduler.load_config(repo, subfolder="scheduler"))
+            unet = UNet2DConditionModel.from_pretrained(repo, subfolder="unet", torch_dtype=dtype, **local)
+            vae = AutoencoderKL.from_pretrained(repo, subfolder="vae", torch_dtype=dtype, **local)
+            text_encoder = CLIPTextModel.from_pretrained(repo, subfolder="text_encoder", dtype=dtype, **local)
+            tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer", **local)
+            sched = dict(DDPMScheduler.load_config(repo, subfolder="scheduler", **local))
     except Exception as exc:  # hub errors come as OSError, ValueError, HTTP and offline errors
         raise UserError(
             f"could not load {repo!r} from the Hugging Face Hub or its cache ({type(exc).__name__}: {str(exc)[:160]})",
@@ -372,11 +373,13 @@ def _vae_from_hub(repo: str, dtype, label: str):
     from diffusers import AutoencoderKL
 
     errors = []
+    local = cache_only(repo, where=label, what="the VAE")
     for sub in (None, "vae"):  # a VAE repository, else a model repository's vae/ (as sd-scripts tries)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers' own call
-                return AutoencoderKL.from_pretrained(repo, subfolder=sub, torch_dtype=dtype).eval()
+                return AutoencoderKL.from_pretrained(repo, subfolder=sub, torch_dtype=dtype,
+                                                     local_files_only=local).eval()
         except Exception as exc:  # hub errors come as OSError, ValueError, HTTP and offline errors
             errors.append(f"{type(exc).__name__}: {str(exc)[:120]}")
     raise UserError(f"could not load the VAE {repo!r} from the Hugging Face Hub or its cache ({errors[-1]})", where=label,

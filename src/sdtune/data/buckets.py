@@ -20,6 +20,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from sdtune.console import plural
+
 Size = tuple[int, int]  # (width, height), as sd-scripts and PIL order them
 
 
@@ -170,5 +172,5 @@ class BucketRule:
             return f"no bucketing: every image resized and centre-cropped to {w}x{h}"
         if self.no_upscale:
             return f"buckets from image sizes (no upscaling), area <= {w}x{h}, step {self.step}"
-        return (f"{len(self.buckets)} buckets, area <= {w}x{h}, sides {self.min_size}..{self.max_size} "
+        return (f"{plural(len(self.buckets), 'bucket')}, area <= {w}x{h}, sides {self.min_size}..{self.max_size} "
                 f"in steps of {self.step}")

@@ -10,8 +10,6 @@ reuses every entry without a VAE call.
 
 from __future__ import annotations
 
-import sys
-
 from sdtune.config import Field, add_options, parse_options
 from sdtune.data.options import DatasetOptions
 
@@ -54,6 +52,7 @@ def cache_latents(opts: CacheOptions, *, v2: bool | None = None, recorded_bucket
 
     from sdtune.checkpoint import load_model, load_vae
     from sdtune.checkpoint.detect import detect_from_header, needs_loading_to_plan
+    from sdtune.console import plural
     from sdtune.data.latent_cache import cache_folder, ensure_latent_cache
     from sdtune.data.plan import build_plan
     from sdtune.data.writable import check_cache_folders
@@ -70,10 +69,10 @@ def cache_latents(opts: CacheOptions, *, v2: bool | None = None, recorded_bucket
     model = load_model(source, v2=v2)
     vae = load_vae(opts.vae, like=model.vae) if opts.vae else model.vae  # the VAE training will encode with
     plan = plan or planned(model.family.resolution)
-    print(plan.summary(), file=sys.stderr)
+    print(plan.summary())
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = ensure_latent_cache(plan, vae, device=device, to_disk=True)
     print(f"latent cache: {cache.reused} reused, {cache.encoded} encoded, "
-          f"{len(cache.plan.skipped)} images skipped", file=sys.stderr)
+          f"{plural(len(cache.plan.skipped), 'image')} skipped")
     return cache
 

@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import tempfile
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdtune.console import note, plural
 from sdtune.data.buckets import crop_box
 from sdtune.data.images import BadImage, prepare_sample
 from sdtune.data.plan import DatasetPlan, Sample
@@ -322,7 +322,7 @@ def ensure_latent_cache(plan: DatasetPlan, vae, *, device="cpu", dtype=None, to_
     import torch
 
     opts = plan.options
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or note
     to_disk = opts.cache_latents_to_disk if to_disk is None else to_disk
     device = torch.device(device)
     if dtype is None:
@@ -346,12 +346,12 @@ def ensure_latent_cache(plan: DatasetPlan, vae, *, device="cpu", dtype=None, to_
     if todo:
         cache.reasons = Counter(e.reason for e in todo)
         why = ", ".join(f"{n} {r}" for r, n in cache.reasons.most_common())
-        log(f"latent cache: reusing {len(reuse)} entries, encoding {len(todo)} ({why})")
+        log(f"latent cache: reusing {plural(len(reuse), 'entry')}, encoding {len(todo)} ({why})")
         check_writable(todo)
         _encode(plan, vae, todo, cache, failures, device=device, dtype=dtype, batch_size=batch_size,
                 workers=workers, log=log, progress=progress)
     else:
-        log(f"latent cache: all {len(reuse)} entries up to date, no VAE call needed")
+        log(f"latent cache: all {plural(len(reuse), 'entry')} up to date, no VAE call needed")
     if failures:
         if opts.strict:
             i, reason = next(iter(failures.items()))
@@ -521,12 +521,12 @@ def cache_plan_summary(plan: DatasetPlan) -> str:
         return "latent cache: off (the VAE encodes each batch during training)"
     entries = sum(2 if plan.subsets[s.subset].flip_aug else 1 for s in plan.active)
     if not opts.cache_latents_to_disk:
-        return f"latent cache: in memory, {entries} entries encoded at the start of the run"
+        return f"latent cache: in memory, {plural(entries, 'entry')} encoded at the start of the run"
     folders: dict[Path, int] = Counter(cache_folder(s.path, opts.cache_dir) for s in plan.active)
     present = 0
     for folder in folders:
         if folder.is_dir():
             present += sum(1 for _ in folder.glob("*.safetensors"))
-    return (f"latent cache: on disk in {len(folders)} folder(s) (e.g. {next(iter(folders))}), {entries} entries "
-            f"needed, {present} entry files present; they are checked against the image contents and the VAE "
-            f"when the run starts")
+    return (f"latent cache: on disk in {plural(len(folders), 'folder')} (e.g. {next(iter(folders))}), "
+            f"{plural(entries, 'entry')} needed, {plural(present, 'entry file')} present; they are checked against "
+            "the image contents and the VAE when the run starts")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from sdtune.console import plural
 from sdtune.data.buckets import BucketRule, Size
 from sdtune.data.images import BadImage, read_size
 from sdtune.data.metadata import load_records
@@ -88,9 +89,10 @@ class DatasetPlan:
         have = self.total_samples()
         if have < need or self.batches_per_epoch(num_processes) == 0:
             raise UserError(
-                f"the dataset has {have} samples per epoch (repeats included) in {len(self.groups())} buckets, but one "
-                f"optimizer step needs batch size {batch} x {num_processes} processes x {gradient_accumulation_steps} "
-                f"accumulation steps = {need}",
+                f"the dataset has {plural(have, 'sample')} per epoch (repeats included) in "
+                f"{plural(len(self.groups()), 'bucket')}, but one optimizer step needs batch size {batch} x "
+                f"{plural(num_processes, 'process')} x {plural(gradient_accumulation_steps, 'accumulation step')} "
+                f"= {need}",
                 where=str(self.options.dataset_config or self.options.in_json),
                 fix="Add images, raise num_repeats / --dataset_repeats, or lower the batch size, process count or "
                     "--gradient_accumulation_steps.")
@@ -114,10 +116,12 @@ class DatasetPlan:
                 n = sum(1 for x in self.active if x.subset == s.index)
                 if getattr(s, "is_validation", False):
                     held = sum(1 for x in self.samples if x.subset == s.index and x.index in self.excluded)
-                    lines.append(f"  subset {s.index}: validation only, {held} images held out from {s.metadata_file}")
+                    lines.append(f"  subset {s.index}: validation only, {plural(held, 'image')} held out from "
+                                 f"{s.metadata_file}")
                     continue
                 extras = [k for k in ("flip_aug", "color_aug", "random_crop") if getattr(s, k)]
-                lines.append(f"  subset {s.index}: {n} images x {s.num_repeats} repeats from {s.metadata_file}"
+                lines.append(f"  subset {s.index}: {plural(n, 'image')} x {plural(s.num_repeats, 'repeat')} from "
+                             f"{s.metadata_file}"
                              + (f" ({', '.join(extras)})" if extras else ""))
             lines.append("  bucket       images  samples  batches")
             for (di, bucket), indices in self.groups().items():
@@ -127,15 +131,17 @@ class DatasetPlan:
                 bar = "#" * max(1, round(30 * count / max(1, self.total_samples())))
                 lines.append(f"  {bucket[0]:>4}x{bucket[1]:<5} {len(indices):>7}  {count:>7}  "
                              f"{math.ceil(count / d.batch_size):>7}  {bar}")
-        lines.append(f"{len(self.active)} images, {self.total_samples()} samples per epoch, {self.total_batches()} batches; "
-                     f"with {num_processes} process(es) and {gradient_accumulation_steps} accumulation step(s): "
-                     f"{self.batches_per_epoch(num_processes)} batches and "
-                     f"{self.steps_per_epoch(num_processes, gradient_accumulation_steps)} optimizer steps per epoch")
+        lines.append(f"{plural(len(self.active), 'image')}, {plural(self.total_samples(), 'sample')} per epoch, "
+                     f"{plural(self.total_batches(), 'batch')}; with {plural(num_processes, 'process')} and "
+                     f"{plural(gradient_accumulation_steps, 'accumulation step')}: "
+                     f"{plural(self.batches_per_epoch(num_processes), 'batch')} and "
+                     f"{plural(self.steps_per_epoch(num_processes, gradient_accumulation_steps), 'optimizer step')} "
+                     "per epoch")
         crops = [s for s in self.active if _crop_fraction(s) > 0.25]
         if crops:
-            lines.append(f"{len(crops)} images lose more than 25% of their area to cropping (extreme aspect "
-                         f"ratios), e.g. {crops[0].path} {crops[0].size[0]}x{crops[0].size[1]} -> "
-                         f"{crops[0].bucket[0]}x{crops[0].bucket[1]}")
+            lines.append(f"{plural(len(crops), 'image')} {'loses' if len(crops) == 1 else 'lose'} more than 25% of "
+                         f"the area to cropping (extreme aspect ratios), e.g. {crops[0].path} "
+                         f"{crops[0].size[0]}x{crops[0].size[1]} -> {crops[0].bucket[0]}x{crops[0].bucket[1]}")
         if self.skipped:
             lines.append(skipped_summary(self.skipped))
         return "\n".join(lines)
@@ -144,7 +150,7 @@ class DatasetPlan:
 def skipped_summary(skipped: list[tuple[str, str]]) -> str:
     """'3 images skipped: 2 unreadable, 1 cannot be decoded': the count of (path, reason) pairs by reason."""
     reasons = Counter(r.split(" (")[0] for _p, r in skipped)
-    return f"{len(skipped)} images skipped: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+    return f"{plural(len(skipped), 'image')} skipped: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
 
 
 def _crop_fraction(s: Sample) -> float:
@@ -177,13 +183,13 @@ def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | 
     """Read the dataset config (or --in_json), every metadata file and every image header.
 
     Unreadable or too-small images are skipped and listed in `plan.skipped` (an error under
-    --strict). `warn(str)` receives one line per skipped image (default: stderr). A dataset whose
+    --strict). `warn(str)` receives one line per skipped image (default: a console warning). A dataset whose
     every image has a `train_resolution` trains each image in that bucket (unless
     `recorded_buckets=False`, for the step that records them).
     """
     from sdtune.console import note  # the level and log file of --console_log_* apply
 
-    warn = warn or (lambda msg: note(f"warning: {msg}", stderr=True))
+    warn = warn or (lambda msg: note(f"warning: {msg}"))
     if options.caches_latents and (options.color_aug or options.random_crop):
         _refuse_cached_aug("the command line", options.color_aug)
     specs = dataset_specs(options, default_resolution=default_resolution)

@@ -16,9 +16,9 @@ recorded bucket from these latents, without a VAE call (`sdtune.data.prepared`).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from sdtune.console import plural
 from sdtune.errors import UserError
 
 
@@ -98,10 +98,9 @@ def run(args: argparse.Namespace) -> int:
     from sdtune.prep.files import write_metadata
 
     backup = write_metadata(out_json, meta)
-    print(f"wrote {out_json} ({len(plan.active)} images with train_resolution"
-          + (f"; the previous file kept as {backup}" if backup else "") + ")", file=sys.stderr)
+    print(f"wrote {out_json} ({plural(len(plan.active), 'image')} with train_resolution"
+          + (f"; the previous file kept as {backup}" if backup else "") + ")")
     # no bucket or cache flag is needed: training reads the record (sdtune.data.prepared)
     print("train with the cached latents: sdtune train (or fine_tune.py) --in_json "
-          f"{out_json} --train_data_dir {image_dir} ... (each image in its recorded bucket, from these latents)",
-          file=sys.stderr)
+          f"{out_json} --train_data_dir {image_dir} ... (each image in its recorded bucket, from these latents)")
     return 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sdtune.console import plural
 from sdtune.data.buckets import Size, cover_size
 from sdtune.data.metadata import MetadataRecord, load_records
 from sdtune.data.options import DatasetOptions
@@ -81,7 +82,7 @@ def apply_prepared(opts: DatasetOptions, *, default_resolution: int | Size | Non
         others.append(d)
         with_bucket = sum(r.train_resolution is not None for r in records)
         if with_bucket:
-            partial.append(f"{with_bucket} of {len(records)} images in {d.where}")
+            partial.append(f"{with_bucket} of {plural(len(records), 'image')} in {d.where}")
     notes = []
     if partial:
         notes.append(f"train_resolution is recorded for only {'; '.join(partial)}: the recorded buckets are used "
@@ -91,8 +92,9 @@ def apply_prepared(opts: DatasetOptions, *, default_resolution: int | Size | Non
         return opts, notes
     records = [r for _d, rs in recorded for r in rs]
     files = ", ".join(sorted({str(s.metadata_file) for d, _rs in recorded for s in d.subsets}))
-    line = (f"prepared data: {len(records)} images train in the {len({r.train_resolution for r in records})} "
-            f"buckets recorded in {files} (train_resolution)"
+    buckets = plural(len({r.train_resolution for r in records}), "bucket")
+    line = (f"prepared data: {plural(len(records), 'image')} train in the {buckets} recorded in {files} "
+            "(train_resolution)"
             + (", whatever the dataset config's resolution and bucket keys say" if opts.dataset_config else ""))
     given = sorted(f"--{k}" for k in BUCKET_FLAGS if k in opts.model_fields_set)
     if given:

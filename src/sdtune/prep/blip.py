@@ -67,18 +67,27 @@ class Captioner:
 
 def load_captioner(model: str = DEFAULT_MODEL, device: str | None = None) -> Captioner:
     """BLIP from a local folder or a hub id; offline and absent, a UserError naming what to download."""
-    import torch
-    from transformers import AutoTokenizer, BlipForConditionalGeneration
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-
     local = Path(model).expanduser()
     if not local.is_dir() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
         raise UserError("neither a folder nor a hub repository id (owner/name)", where=f"--model_id {model}")
     source = str(local) if local.is_dir() else model
+    hub = {}
+    if source == model:
+        from huggingface_hub import is_offline_mode
+
+        from sdtune.checkpoint.hub import cache_only
+
+        if not is_offline_mode():  # (offline, the error below names what to fetch)
+            hub = {"local_files_only": cache_only(model, where="--model_id")}  # unreachable: in seconds
+
+    import torch
+    from transformers import AutoTokenizer, BlipForConditionalGeneration
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
     try:
-        image_processor = BlipImageProcessorPil.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        net = BlipForConditionalGeneration.from_pretrained(source)
+        image_processor = BlipImageProcessorPil.from_pretrained(source, **hub)
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+        net = BlipForConditionalGeneration.from_pretrained(source, **hub)
     except OSError as exc:
         if local.is_dir():
             raise UserError(f"not a complete BLIP folder ({str(exc).splitlines()[0]})", where=str(local),

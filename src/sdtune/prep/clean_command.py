@@ -4,7 +4,8 @@ applied to whole words and tags; see sdtune.prep.clean)."""
 from __future__ import annotations
 
 import argparse
-import sys
+
+from sdtune.console import plural
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,11 +20,13 @@ def run(args: argparse.Namespace) -> int:
     from sdtune.prep.clean import clean_metadata
 
     if args.train_data_dir is not None:
-        sys.stderr.write("note: the image folder argument is not needed and was ignored (as in sd-scripts)\n")
+        print("note: the image folder argument is not needed and was ignored (as in sd-scripts)")
     result = clean_metadata(args.in_json, args.out_json, args.caption_separator)
-    print(f"cleaned {result.records} record(s): {result.captions_changed} caption(s) and {result.tags_changed} "
-          f"tag line(s) changed" + (f" (previous file kept as {result.backup})" if result.backup else ""))
+    print(f"cleaned {plural(result.records, 'record')}: {plural(result.captions_changed, 'caption')} and "
+          f"{plural(result.tags_changed, 'tag line')} changed"
+          + (f" (previous file kept as {result.backup})" if result.backup else ""))
     if result.empty:
         names = ", ".join(result.empty[:5]) + (" ..." if len(result.empty) > 5 else "")
-        print(f"warning: {len(result.empty)} record(s) have neither caption nor tags: {names}")
+        have = "has" if len(result.empty) == 1 else "have"
+        print(f"warning: {plural(len(result.empty), 'record')} {have} neither caption nor tags: {names}")
     return 0

@@ -23,13 +23,20 @@ def download(repo_id: str, files: list[str], *, local_dir: Path | None, force: b
         from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover - a dependency of transformers
         raise UserError("huggingface_hub is not installed", fix="Install it, or pass a local folder.") from exc
+    from huggingface_hub import is_offline_mode
+
+    from sdtune.checkpoint.hub import hub_unreachable
+
+    # asked once, in seconds: the client would retry an unreachable hub for half a minute per file
+    unreachable = None if is_offline_mode() else hub_unreachable()
     folder = None
     for name in files:
         try:
             got = hf_hub_download(repo_id, name, local_dir=str(local_dir) if local_dir else None,
-                                  force_download=force)
+                                  force_download=force and not unreachable, local_files_only=bool(unreachable))
         except Exception as exc:  # noqa: BLE001 - every hub failure means the same thing to the user
-            raise hub_error(repo_id, files, option, exc) from exc
+            why = ConnectionError(f"not in the local cache, and the hub cannot be reached: {unreachable}")
+            raise hub_error(repo_id, files, option, why if unreachable else exc) from exc
         folder = Path(got).parent
     assert folder is not None
     return folder

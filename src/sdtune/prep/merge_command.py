@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from sdtune.console import plural
 from sdtune.errors import UserError
 
 
@@ -43,16 +44,17 @@ def run(args: argparse.Namespace) -> int:
                             captions=args.only in (None, "captions"), tags=args.only in (None, "tags"),
                             caption_extension=caption_ext, tags_extension=tags_ext,
                             full_path=args.full_path, recursive=args.recursive)
-    parts = [f"merged {result.images} image(s) into {args.out_json}"]
+    parts = [f"merged {plural(result.images, 'image')} into {args.out_json}"]
     if args.only in (None, "captions"):
-        parts.append(f"{result.captions} caption(s)")
+        parts.append(plural(result.captions, "caption"))
     if args.only in (None, "tags"):
-        parts.append(f"{result.tags} tag line(s)")
+        parts.append(plural(result.tags, "tag line"))
     print(", ".join(parts) + (f" (previous file kept as {result.backup})" if result.backup else ""))
     for what, ext, missing in (("caption", caption_ext, result.missing_captions),
                                ("tag", tags_ext, result.missing_tags)):
         # Both kinds by default: a folder with no tag files at all just has no tags yet.
         if missing and (args.only or len(missing) < result.images):
             names = ", ".join(p.name for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            print(f"warning: {len(missing)} image(s) have no {what} file ({ext}): {names}")
+            have = "has" if len(missing) == 1 else "have"
+            print(f"warning: {plural(len(missing), 'image')} {have} no {what} file ({ext}): {names}")
     return 0

@@ -6,8 +6,8 @@ Accepts the flags of sd-scripts' finetune/tag_images_by_wd14_tagger.py. No torch
 from __future__ import annotations
 
 import argparse
-import sys
 
+from sdtune.console import plural
 from sdtune.errors import UserError
 
 _UNSUPPORTED = {
@@ -124,11 +124,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(verb: str, written, skipped, unreadable, what: str, flag: str) -> str:
-    text = f"{verb} {len(written)} image(s)"
+    text = f"{verb} {plural(len(written), 'image')}"
     if skipped:
         text += f"; skipped {len(skipped)} that already had {what} (use {flag} to redo them)"
     if unreadable:
         names = ", ".join(str(p) for p in unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
-        text += f"; skipped {len(unreadable)} unreadable image(s): {names}"
-        sys.stderr.write(f"warning: {len(unreadable)} image(s) could not be read: {names}\n")
+        text += f"; skipped {plural(len(unreadable), 'unreadable image')}: {names}"
+        print(f"warning: {plural(len(unreadable), 'image')} could not be read: {names}")
     return text

@@ -8,7 +8,6 @@ metadata file with `output_path`.
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from sdtune.console import plural
 from sdtune.errors import UserError
 from sdtune.prep import deepdanbooru, wd14
 from sdtune.prep.files import (atomic_write_text, check_metadata_name, find_images, load_image, normalize_extension,
@@ -73,14 +73,14 @@ def load_tagger(model: str = wd14.DEFAULT_REPO, *, kind: str = "auto", model_dir
             raise UserError("the model's input size is not fixed and no project.json gives it", where=str(onnx.path))
         height, width = fallback
     if onnx.outputs is not None and onnx.outputs != len(raw):
-        raise UserError(f"the model has {onnx.outputs} outputs but the label file lists {len(raw)} tags",
+        raise UserError(f"the model has {plural(onnx.outputs, 'output')} but the label file lists "
+                        f"{plural(len(raw), 'tag')}",
                         where=str(folder), fix="The label file belongs to another model; use the one shipped with it.")
     if options.rating != "none" and not any(cat == RATING for _, cat in raw):
         raise UserError("this model has no rating labels", where="--use_rating_tags")
     labels, unmatched = prepare_labels(raw, options)
     if unmatched:
-        print(f"warning: --tag_replacement: no tag named {', '.join(map(repr, unmatched))} in this model",
-              file=sys.stderr)
+        print(f"warning: --tag_replacement: no tag named {', '.join(map(repr, unmatched))} in this model")
     return Tagger(kind, folder, onnx, labels, height, width, prep)
 
 
@@ -102,7 +102,7 @@ def tag_images(image_dir: str | Path, tagger: Tagger, *, options: TagOptions = T
         raise UserError("must be 0 or more", where="--max_data_loader_n_workers")
     if tagger.model.batch is not None and batch_size != tagger.model.batch:
         print(f"note: the model has a fixed batch size of {tagger.model.batch}; running it in chunks of "
-              f"{tagger.model.batch}", file=sys.stderr)
+              f"{tagger.model.batch}")
     caption_extension = normalize_extension(caption_extension)
     images = find_images(image_dir, recursive)
     result = TagResult()

@@ -163,6 +163,37 @@ def parse_key_values(items: Iterable[str], where: str, *, text_fallback: bool = 
     return kwargs
 
 
+def _import_module(module_name: str):
+    """bitsandbytes (imported only here, for an 8-bit optimizer) without its import-time chatter
+    about optional kernels; any failure of a broken install comes out as an ImportError."""
+    if module_name.split(".")[0] != _BNB:
+        return importlib.import_module(module_name)
+    from sdtune.console import quiet_import
+
+    try:
+        with quiet_import():
+            return importlib.import_module(module_name)
+    except ImportError:
+        raise
+    except Exception as exc:  # a broken install fails in many ways; the user needs one line
+        raise ImportError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _installed(package: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(package)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
 def _import_class(name: str, spec: OptimizerSpec | None) -> type:
     import torch
 
@@ -173,12 +204,17 @@ def _import_class(name: str, spec: OptimizerSpec | None) -> type:
     else:
         module_name, cls_name = "torch.optim", name
     try:
-        module = importlib.import_module(module_name)
+        module = _import_module(module_name)
     except ImportError as exc:
-        if spec is not None and spec.package:
+        if spec is not None and spec.package and not _installed(spec.package):
             raise UserError(f"{name} needs the {spec.package!r} package, which is not installed", where="--optimizer_type",
                             fix=f"pip install {spec.package}") from None
-        raise UserError(f"cannot import {module_name!r} ({exc})", where="--optimizer_type",
+        if spec is not None and spec.package:
+            raise UserError(f"{name} needs the {spec.package!r} package, which is installed but fails to import "
+                            f"({_last_line(exc)})", where="--optimizer_type",
+                            fix=f"Reinstall it (pip install --force-reinstall {spec.package}), or choose an optimizer "
+                                "that does not need it (AdamW).") from None
+        raise UserError(f"cannot import {module_name!r} ({_last_line(exc)})", where="--optimizer_type",
                         fix=f"Use one of {', '.join(OPTIMIZER_NAMES)}, or a class path like torch.optim.RAdam.") from None
     cls = getattr(module, cls_name, None)
     if cls is None:

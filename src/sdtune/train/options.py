@@ -312,9 +312,11 @@ class TrainOptions(ModelOptions, DatasetOptions, TrainingOptions, NoiseLossOptio
         if step >= max_steps:
             raise UserError(f"starts at step {step}, but training ends at step {max_steps}", where=flag,
                             fix="Raise --max_train_steps (or --max_train_epochs), or start earlier.")
+        from sdtune.console import plural
+
         epoch = step // steps_per_epoch
         text = (f"{flag}: counting from step {step}, training epoch {epoch + 1} from its first batch; "
-                f"{max_steps - step} steps to go")
+                f"{plural(max_steps - step, 'step')} to go")
         if resumed_step is not None:
             text += f" (the state's own position, step {resumed_step}, is not used)"
         else:

@@ -9,8 +9,8 @@ then assumed and the output says so (training loads such a model before planning
 from __future__ import annotations
 
 import math
-import sys
 
+from sdtune.console import plural
 from sdtune.families import SD1, Family
 from sdtune.train.options import TrainOptions
 
@@ -23,7 +23,7 @@ def peek_family(path: str, v2: bool = False, v_parameterization: bool = False) -
     if found is None:
         return None, why_not
     for line in found.warnings:
-        print(f"warning: {line}", file=sys.stderr)
+        print(f"warning: {line}")
     return found.family, f"from the checkpoint header: {found.reason}"
 
 
@@ -42,8 +42,9 @@ def dry_run(opts: TrainOptions) -> None:
     print(plan.summary(1, accum))
     print(cache_plan_summary(plan))
     if held_out:
-        print(f"validation: {len(held_out)} held-out images (never trained on)")
+        print(f"validation: {plural(len(held_out), 'held-out image')} (never trained on)")
     per_epoch = plan.steps_per_epoch(1, accum)
     steps = opts.max_train_epochs * per_epoch if opts.max_train_epochs else opts.max_train_steps
-    print(f"training: {steps} optimizer steps = {math.ceil(steps / max(1, per_epoch))} epochs of {per_epoch} steps "
+    print(f"training: {plural(steps, 'optimizer step')} = {plural(math.ceil(steps / max(1, per_epoch)), 'epoch')} of "
+          f"{plural(per_epoch, 'step')} "
           f"(1 process; with N processes each epoch has about 1/N of the steps)")

@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 from typing import Callable
 
+from sdtune.console import plural
 from sdtune.errors import UserError
 from sdtune.train.options import TrainOptions
 
@@ -99,7 +100,7 @@ def text_embedding_cache(plan, conditioner, caption_options, opts: TrainOptions,
         captions.append(process_caption(build_caption(s.caption, s.tags, fixed), fixed, seed=0, epoch=1, index=s.index))
     with accelerator.main_process_first():  # one process encodes, the others read its files
         stats = cache.precompute(captions, progress=accelerator.is_main_process)
-    note(f"text embeddings: {len(set(captions))} captions cached in {cache.directory} ({stats.written} new); "
+    note(f"text embeddings: {plural(len(set(captions)), 'caption')} cached in {cache.directory} ({stats.written} new); "
          "the text encoder is not run during training")
     return cache
 

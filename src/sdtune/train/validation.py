@@ -30,6 +30,7 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
 
+from sdtune.console import plural
 from sdtune.errors import UserError
 
 if TYPE_CHECKING:
@@ -126,8 +127,8 @@ class Validator:
         return sum(len(b) for b in self.batches)
 
     def describe(self) -> str:
-        return (f"validation: {self.images} held-out images in {len(self.batches)} batches, timesteps "
-                f"{', '.join(map(str, self.timesteps))}, seed {self.seed}")
+        return (f"validation: {plural(self.images, 'held-out image')} in {plural(len(self.batches), 'batch')}, "
+                f"timesteps {', '.join(map(str, self.timesteps))}, seed {self.seed}")
 
     def encode_images(self, vae, device, scaling: float, *, strict: bool = False, progress: bool = True) -> None:
         """The scaled posterior means of the held-out images, once (kept on the CPU)."""
