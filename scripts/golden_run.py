@@ -13,7 +13,8 @@ Its inputs (the tiny model, the images and their metadata) come from `sdtune.tes
 on the path, so a change to what that module builds changes every digest as well.
 
 What is digested (each tensor's dtype, shape and bytes, keyed by name; never container bytes,
-which may hold timestamps or pickling details):
+which may hold timestamps or pickling details; the
+digests of one file are combined into one, unless --detail):
   * every saved model file (the mid-run saves and the final model) and the EMA model beside it,
   * every state folder: model, optimizer, scheduler and EMA tensors, and its position; not the
     global random states (random_states_0.pkl), which differ from process to process because
@@ -115,15 +116,27 @@ def run(work: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Digests
 
+DETAIL = False  # --detail: keep one digest per tensor (to find what differs) instead of one per file
+
+
+def _combined(entries: dict[str, str]) -> Any:
+    """One digest for a file's entries (the recorded reference stays small); the entries themselves
+    with --detail."""
+    if DETAIL:
+        return entries
+    h = hashlib.sha256(json.dumps(entries, sort_keys=True).encode())
+    return f"sha256:{h.hexdigest()} over {len(entries)} entries"
+
+
 def digest_folder(root: Path) -> dict[str, Any]:
     """Digests of the model files, state folders and sample images under `root`, by relative path."""
     out: dict[str, Any] = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
         if path.suffix == ".safetensors":
-            out[rel] = _safetensors(path)
+            out[rel] = _combined(_safetensors(path))
         elif path.suffix == ".bin":  # optimizer and scheduler
-            out[rel] = _pickled(path)
+            out[rel] = _combined(_pickled(path))
         elif path.suffix == ".png" and path.parent.name == "sample":  # not the loss plot: matplotlib draws it
             out[rel] = _pixels(path)
         elif path.name == "train_state.json":
@@ -208,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
     parser.add_argument("--keep", type=Path, help="train in this folder and keep it (default: a temporary one)")
     parser.add_argument("--commit", help="record this as the commit of the code on the path (when recording)")
+    parser.add_argument("--detail", action="store_true",
+                        help="one digest per tensor instead of per file: run it on two commits to see which tensors differ")
     args = parser.parse_args(argv)
+    global DETAIL
+    DETAIL = args.detail
     result = golden(args.keep)
     if args.commit:
         result = {"commit": args.commit, "environment": result["environment"], "digests": result["digests"]}
