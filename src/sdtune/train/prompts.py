@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.errors import UserError
+from sdtune.train.samplers import normalize_sampler
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -224,8 +225,6 @@ def prompt_from_dict(item: dict[str, Any], index: int, where: str) -> SampleProm
     seed = _int(item, "seed", where, minimum=0, maximum=2**63 - 1)
     sampler = item.get("sample_sampler")
     if sampler is not None:
-        from sdtune.train.sampling import normalize_sampler
-
         if not isinstance(sampler, str):
             raise UserError("sample_sampler must be text", where=where)
         sampler = normalize_sampler(sampler, where=where)
