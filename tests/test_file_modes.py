@@ -13,7 +13,7 @@ CODE = textwrap.dedent("""
     os.umask(int(sys.argv[2], 8))
     out = Path(sys.argv[1])
     from sdtune.testing import write_tiny_model
-    from sdtune.prep.files import atomic_write_text
+    from sdtune.atomic import atomic_write_text
     from sdtune.data.latent_cache import _atomic_write
     write_tiny_model(out / "model.safetensors", "sd1")
     write_tiny_model(out / "folder", "sd1")

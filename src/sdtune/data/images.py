@@ -21,8 +21,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdtune.data.buckets import Size, cover_size, crop_box, random_offset, source_box
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
 # EXIF orientations 5-8 rotate by 90 degrees: width and height swap.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 

@@ -1,29 +1,20 @@
-"""sd-scripts metadata files: JSON object or JSONL, keys resolved to image files.
+"""Metadata records for training: each key's image file and its typed, checked fields.
 
-JSON: `{"<key>": {"caption": ..., "tags": ..., "image_size": [w, h], ...}, ...}`.
-JSONL: one `{"image_path": ..., "caption": ..., "tags": ..., "image_size": ...}` per line.
-A key is found, in this order (`resolve_key`):
-
-1. as a path as it stands: absolute, or relative to the working directory. This is what the
-   `--full_path` preparation steps write when given a relative image folder (`train_data/a.png`), and
-   what sd-scripts' fine-tuning dataset tried first when its documented workflow was written;
-2. relative to the subset's image folder (sd-scripts today);
-3. a stem or a path without extension, by trying the image extensions, in the image folder and then
-   as it stands (the merge scripts' keys without `--full_path`).
-
-`train_resolution` (`[w, h]`, the bucket prepare_buckets_latents.py chose) and `sdtune_latents` (how
-sdtune's prepare step cached the image's latents, see `sdtune.data.prepared`) are read; other fields
-are tolerated and ignored. No torch.
+Reading the file and resolving keys to images is `sdtune.metadata`'s job (shared with the
+preparation commands). `train_resolution` (`[w, h]`, the bucket prepare_buckets_latents.py chose)
+and `sdtune_latents` (how sdtune's prepare step cached the image's latents, see
+`sdtune.data.prepared`) are read; other fields are tolerated and ignored. No torch.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdtune.data.images import IMAGE_EXTENSIONS
 from sdtune.errors import UserError
+from sdtune.metadata import read_metadata, resolve_key
+
+__all__ = ["MetadataRecord", "load_records", "resolve_key"]
 
 
 @dataclass(frozen=True)
@@ -35,70 +26,6 @@ class MetadataRecord:
     image_size: tuple[int, int] | None
     train_resolution: tuple[int, int] | None = None
     prepared_latents: dict | None = None
-
-
-def read_metadata(path: str | Path) -> dict[str, dict]:
-    """The raw metadata: key -> value dict, in file order."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError("metadata file not found", where=str(path), fix="Check metadata_file / --in_json.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError("metadata file is not UTF-8 text", where=str(path),
-                        fix="Re-save it as UTF-8 (sdtune merge and the sd-scripts tools write UTF-8).") from None
-    if path.suffix.lower() == ".jsonl":
-        return _read_jsonl(text, path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", where=str(path),
-                        fix="Fix the file, or name it .jsonl if it holds one record per line.") from None
-    if not isinstance(data, dict):
-        raise UserError(f"the top level is a {type(data).__name__}, expected an object keyed by image",
-                        where=str(path), fix='Write {"image.png": {"caption": "..."}, ...}.')
-    for key, value in data.items():
-        if not isinstance(value, dict):
-            raise UserError(f"the entry of {key!r} is a {type(value).__name__}, expected an object",
-                            where=str(path), fix='Write {"caption": "...", "tags": "..."}.')
-    return data
-
-
-def _read_jsonl(text: str, path: Path) -> dict[str, dict]:
-    data: dict[str, dict] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"line {lineno} is not valid JSON ({exc.msg})", where=str(path),
-                            fix="Fix that line, or name the file .json if it holds one JSON object.") from None
-        if not isinstance(record, dict) or not isinstance(record.get("image_path"), str):
-            raise UserError(f"line {lineno} has no \"image_path\" string", where=str(path),
-                            fix='Each line must be {"image_path": "...", "caption": "..."}.')
-        data[record["image_path"]] = record
-    return data
-
-
-def resolve_key(key: str, image_dir: Path | None) -> Path | None:
-    """The image file a metadata key names, or None when none exists (order: see the module doc)."""
-    as_is = Path(key).expanduser()
-    paths = [as_is]
-    if image_dir is not None and not as_is.is_absolute():
-        paths.append(image_dir / as_is)
-    for p in paths:
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-            return p
-    for p in reversed(paths):  # a stem names an image of the image folder first
-        for ext in IMAGE_EXTENSIONS:
-            for cand in (p.with_name(p.name + ext), p.with_name(p.name + ext.upper())):
-                if cand.is_file():
-                    return cand
-    for p in paths:  # an image with an unusual extension named explicitly: let PIL judge it
-        if p.is_file():
-            return p
-    return None
 
 
 def _text(value, key: str, field: str, where: str) -> str | None:

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sdtune.config import parse_options
     from sdtune.data.command import CacheOptions
-    from sdtune.data.metadata import read_metadata, resolve_key
+    from sdtune.metadata import check_metadata_name, read_metadata, resolve_key, write_metadata
 
     if args.mixed_precision == "bf16":
         raise UserError("the latent cache is encoded in float16 (the precision training reads it with) or float32",
@@ -61,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     image_dir = Path(args.train_data_dir)
     if not image_dir.is_dir():
         raise UserError("image folder not found", where=str(image_dir), fix="Check train_data_dir.")
-    out_json = Path(args.out_json)
-    if out_json.suffix.lower() not in (".json", ".jsonl"):
-        raise UserError("the output metadata must be a .json or .jsonl file", where=str(out_json))
+    out_json = check_metadata_name(args.out_json, "out_json")
     # the VAE ran in float32 with "no": recorded per image, so that training encodes (or finds) alike
     values = {"in_json": args.in_json, "train_data_dir": str(image_dir), "resolution": args.max_resolution,
               "enable_bucket": True, "min_bucket_reso": args.min_bucket_reso, "max_bucket_reso": args.max_bucket_reso,
@@ -94,8 +92,6 @@ def run(args: argparse.Namespace) -> int:
         meta[key]["train_resolution"] = [int(sample.bucket[0]), int(sample.bucket[1])]
         meta[key]["sdtune_latents"] = latents_record(cache.dtype, sample.size, sample.resized, args.flip_aug,
                                                          bool(args.alpha_mask))
-
-    from sdtune.prep.files import write_metadata
 
     backup = write_metadata(out_json, meta)
     print(f"wrote {out_json} ({plural(len(plan.active), 'image')} with train_resolution"

@@ -15,9 +15,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdtune.atomic import atomic_write_text
 from sdtune.errors import UserError
-from sdtune.prep.files import (atomic_write_text, find_images, load_image, normalize_extension, prefetch_batches,
-                               sidecar)
+from sdtune.prep.files import find_images, load_image, normalize_extension, prefetch_batches, sidecar
 from sdtune.prep.tagger import TagResult
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"

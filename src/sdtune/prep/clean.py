@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdtune.prep.files import check_metadata_name, read_metadata, write_metadata
+from sdtune.metadata import check_metadata_name, read_metadata, write_metadata
 from sdtune.prep.tags import remove_underscore
 
 _HAIR_LENGTH = re.compile(r"(long|short|medium) hair")

@@ -1,29 +1,17 @@
-"""Files shared by the preparation commands: image discovery, image loading, metadata I/O.
+"""Files shared by the preparation commands: image discovery, image loading, caption files, keys.
 
-Kept in one module so it can later be merged with the dataset module's own helpers
-(src/sdtune/data/). Nothing here imports torch.
-
-Metadata formats (sd-scripts, reference spec §1.6):
-  * JSON  (`*.json`):  {key: {"caption"?, "tags"?, "image_size"?: [w, h], ...}, ...}
-  * JSONL (`*.jsonl`): one {"image_path": key, "caption"?, "tags"?, "image_size"?} per line.
-Both are read into the same {key: record} dict (insertion order kept) and written back in the
-format the file name asks for. Writes are atomic (temp file + os.replace); when an existing file
-is replaced, its previous content is kept next to it as `<name>.bak`.
+Reading and writing the metadata JSON/JSONL is `sdtune.metadata`'s (shared with training), and the
+atomic text writer is `sdtune.atomic`'s. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-# IMAGE_EXTENSIONS: sd-scripts' list, matched case-insensitively; shared with training.
-from sdtune.data.images import IMAGE_EXTENSIONS
 from sdtune.errors import UserError
-from sdtune.umask import give_default_mode
+from sdtune.metadata import IMAGE_EXTENSIONS
 
 
 def find_images(directory: str | Path, recursive: bool = False) -> list[Path]:
@@ -128,32 +116,6 @@ def prefetch_batches(items: list, work: Callable, batch_size: int, num_workers: 
             yield batch
 
 
-# ---------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def atomic_write_text(path: str | Path, text: str, backup: bool = False) -> Path | None:
-    """Write `text` to `path` via a temp file in the same folder; returns the backup path if made."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    backup_path = None
-    if backup and path.exists():
-        backup_path = path.with_name(path.name + ".bak")
-        shutil.copy2(path, backup_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        give_default_mode(tmp)  # mkstemp makes it owner-only
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return backup_path
-
-
 def read_text(path: Path) -> str:
     """A caption/tag file's text (UTF-8, BOM tolerated), or a UserError naming the file."""
     try:
@@ -164,37 +126,7 @@ def read_text(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# metadata
-
-
-def is_jsonl(path: str | Path) -> bool:
-    return Path(path).suffix.lower() == ".jsonl"
-
-
-def check_metadata_name(path: str | Path, option: str) -> Path:
-    path = Path(path)
-    if path.suffix.lower() not in (".json", ".jsonl"):
-        raise UserError("metadata file must end in .json or .jsonl", where=f"{option} {path}",
-                        fix="Name it e.g. meta_cap.json (or .jsonl for one record per line).")
-    return path
-
-
-def read_metadata(path: str | Path) -> dict[str, dict]:
-    """Read a JSON or JSONL metadata file into {key: record} (JSONL records lose their image_path,
-    which is the key). The training side's reader, so both sides accept exactly the same files."""
-    from sdtune.data.metadata import read_metadata as read
-
-    return {key: {k: v for k, v in record.items() if k != "image_path"} for key, record in read(path).items()}
-
-
-def write_metadata(path: str | Path, meta: dict[str, dict]) -> Path | None:
-    """Write {key: record} as JSON or JSONL (by suffix), atomically; returns the backup path if any."""
-    path = Path(path)
-    if is_jsonl(path):
-        text = "".join(json.dumps({"image_path": k, **v}, ensure_ascii=False) + "\n" for k, v in meta.items())
-    else:
-        text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-    return atomic_write_text(path, text, backup=True)
+# metadata keys
 
 
 def image_key(image: Path, full_path: bool) -> str:

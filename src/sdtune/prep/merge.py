@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdtune.errors import UserError
-from sdtune.prep.files import (check_metadata_name, check_unique_keys, find_images, image_key, normalize_extension,
-                               read_metadata, read_text, sidecar, write_metadata)
+from sdtune.metadata import check_metadata_name, read_metadata, write_metadata
+from sdtune.prep.files import check_unique_keys, find_images, image_key, normalize_extension, read_text, sidecar
 
 
 @dataclass

@@ -18,8 +18,9 @@ import numpy as np
 from sdtune.console import plural
 from sdtune.errors import UserError
 from sdtune.prep import deepdanbooru, wd14
-from sdtune.prep.files import (atomic_write_text, check_metadata_name, find_images, load_image, normalize_extension,
-                               prefetch_batches, read_metadata, read_text, sidecar, write_metadata)
+from sdtune.atomic import atomic_write_text
+from sdtune.metadata import check_metadata_name, read_metadata, write_metadata
+from sdtune.prep.files import find_images, load_image, normalize_extension, prefetch_batches, read_text, sidecar
 from sdtune.prep.onnx_model import OnnxImageModel, load_onnx_model
 from sdtune.prep.tags import RATING, Label, TagOptions, merge_with_existing, prepare_labels, select_tags
 

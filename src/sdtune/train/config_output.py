@@ -32,7 +32,7 @@ def write_config(args: Any, opts: Any) -> Path:
     """Write the options given on the command line (validated as for a run) to --config_file."""
     from sdtune.config import public_options, secret_names
     from sdtune.console import note
-    from sdtune.prep.files import atomic_write_text
+    from sdtune.atomic import atomic_write_text
 
     given = getattr(args, "config_file", None)
     if not given:
