@@ -1,0 +1,150 @@
+"""The import structure: one-way layers, no cycles between sdtune's modules or packages.
+
+The graph is built from the source text (the AST), not by importing: every `import` and `from ...
+import` of an sdtune module counts, at module level and inside functions alike (an import moved into
+a function still couples the two modules; it only hides the cycle from the interpreter).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import sdtune
+
+SRC = Path(sdtune.__file__).resolve().parent
+
+
+def _module_names() -> dict[str, Path]:
+    names = {}
+    for path in SRC.rglob("*.py"):
+        parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        names[".".join(parts)] = path
+    return names
+
+
+def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, known: dict[str, Path]) -> set[str]:
+    """The sdtune modules an import statement names: `from a import b` is module a.b when that
+    exists, else a (b is then a name defined in a)."""
+    def known_prefix(name: str) -> str | None:
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    if isinstance(node, ast.Import):
+        return {m for m in (known_prefix(a.name) for a in node.names if a.name.split(".")[0] == "sdtune") if m}
+    if node.level:  # relative: `.` is the module's own package
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+    else:
+        base = node.module or ""
+    if base.split(".")[0] != "sdtune":
+        return set()
+    found = set()
+    for alias in node.names:
+        target = f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else known_prefix(base)
+        if target:
+            found.add(target)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the sdtune modules it imports anywhere in its source."""
+    known = _module_names()
+    graph = {}
+    for module, path in known.items():
+        is_package = path.name == "__init__.py"
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                edges |= _imported(node, module, is_package, known)
+        edges.discard(module)
+        graph[module] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as [a, b, ..., a], or None (depth-first search, white/grey/black)."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def layer(module: str) -> str:
+    """The first level below `sdtune`: a subpackage (`sdtune.data`) or a top-level module (`sdtune.config`)."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    layers: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        # the root package's __init__ is not a layer of its own
+        if module == "sdtune":
+            continue
+        layers.setdefault(layer(module), set()).update(
+            layer(t) for t in targets if t != "sdtune" and layer(t) != layer(module))
+    return layers
+
+
+def _edges_between(graph: dict[str, set[str]], source: str, target: str) -> list[str]:
+    return sorted(f"{m} -> {t}" for m, ts in graph.items() if layer(m) == source for t in ts if layer(t) == target)
+
+
+# --------------------------------------------------------------------------------------------- the graph itself
+
+
+def test_the_graph_sees_function_level_and_relative_imports():
+    graph = import_graph()
+    # `from sdtune.data import build_plan` inside dry_run(): a function-level import of a package
+    assert "sdtune.data" in graph["sdtune.train.plan"]
+    # `from .header import ...`: relative, module level
+    assert "sdtune.checkpoint.header" in graph["sdtune.checkpoint.detect"]
+    # `from sdtune.prep import deepdanbooru, wd14`: the submodules, not only the package
+    assert {"sdtune.prep.deepdanbooru", "sdtune.prep.wd14"} <= graph["sdtune.prep.tagger"]
+
+
+def test_find_cycle_finds_a_cycle_and_only_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None  # a diamond is no cycle
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"b"}}) == ["b", "c", "b"]
+
+
+# --------------------------------------------------------------------------------------------- the rules
+
+
+def test_no_import_cycle_between_modules():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_import_cycle_between_packages():
+    graph = import_graph()
+    cycle = find_cycle(package_graph(graph))
+    if cycle is not None:
+        detail = "; ".join(", ".join(_edges_between(graph, a, b)) for a, b in zip(cycle, cycle[1:]))
+        raise AssertionError(f"packages import each other: {' -> '.join(cycle)} ({detail})")
+
+
+def test_prep_and_data_do_not_import_each_other():
+    # both read and write the metadata files through sdtune.metadata, below them both
+    graph = import_graph()
+    edges = _edges_between(graph, "sdtune.prep", "sdtune.data") + _edges_between(graph, "sdtune.data", "sdtune.prep")
+    assert not edges, "prep and data import each other: " + ", ".join(edges)
