@@ -148,3 +148,15 @@ def test_prep_and_data_do_not_import_each_other():
     graph = import_graph()
     edges = _edges_between(graph, "sdtune.prep", "sdtune.data") + _edges_between(graph, "sdtune.data", "sdtune.prep")
     assert not edges, "prep and data import each other: " + ", ".join(edges)
+
+
+def test_one_family_detector():
+    # A Family is chosen from flags and evidence only in checkpoint/detect.py, whose detector loading,
+    # --dry_run and the cache command all call: a second decision elsewhere could disagree with it.
+    deciders = set()
+    for module, path in _module_names().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "family_from_flags":
+                deciders.add(module)
+    assert deciders == {"sdtune.checkpoint.detect"}
+    assert "sdtune.checkpoint.detect" in import_graph()["sdtune.train.plan"]  # the dry run asks that detector
