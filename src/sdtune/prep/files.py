@@ -7,7 +7,7 @@ Metadata formats (sd-scripts, reference spec §1.6):
   * JSON  (`*.json`):  {key: {"caption"?, "tags"?, "image_size"?: [w, h], ...}, ...}
   * JSONL (`*.jsonl`): one {"image_path": key, "caption"?, "tags"?, "image_size"?} per line.
 Both are read into the same {key: record} dict (insertion order kept) and written back in the
-format the file name asks for. Writes are atomic (temp file + os.replace); when an existing file
+format the file name asks for. Writes are atomic (sdtune.atomic); when an existing file
 is replaced, its previous content is kept next to it as `<name>.bak`.
 """
 
@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 # IMAGE_EXTENSIONS: sd-scripts' list, matched case-insensitively; shared with training.
 from sdtune.data.images import IMAGE_EXTENSIONS
+from sdtune.atomic import write_text
 from sdtune.errors import UserError
-from sdtune.umask import give_default_mode
 
 
 def find_images(directory: str | Path, recursive: bool = False) -> list[Path]:
@@ -140,17 +139,7 @@ def atomic_write_text(path: str | Path, text: str, backup: bool = False) -> Path
     if backup and path.exists():
         backup_path = path.with_name(path.name + ".bak")
         shutil.copy2(path, backup_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        give_default_mode(tmp)  # mkstemp makes it owner-only
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, text)
     return backup_path
 
 

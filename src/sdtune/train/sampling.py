@@ -19,13 +19,13 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from sdtune.atomic import atomic_path
 from sdtune.errors import UserError
 from sdtune.train.prompts import SamplePrompt, round_size
 
@@ -329,12 +329,8 @@ def _save_png(image: "Image.Image", path: Path, parameters: str | None = None) -
     if parameters:
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", parameters)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def make_grid(images: Sequence[tuple["Image.Image", str]], caption_lines: int = 2) -> "Image.Image":
