@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from sdtune.atomic import atomic_path
 from sdtune.errors import UserError
+from sdtune.seeds import sample_image_seed
 from sdtune.train.prompts import SamplePrompt, round_size
 
 if TYPE_CHECKING:
@@ -166,9 +167,7 @@ def prompt_seed(prompt: SamplePrompt, run_seed: int) -> int:
     """The prompt's own seed, or one derived from (run seed, prompt index): 32 bits, to type as --d."""
     if prompt.seed is not None:
         return prompt.seed
-    import numpy as np
-
-    return int(np.random.SeedSequence([run_seed % (1 << 63), prompt.index]).generate_state(1)[0])
+    return sample_image_seed(run_seed, prompt.index)
 
 
 class SampleFiles(list):
