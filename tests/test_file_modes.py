@@ -13,12 +13,11 @@ CODE = textwrap.dedent("""
     os.umask(int(sys.argv[2], 8))
     out = Path(sys.argv[1])
     from sdtune.testing import write_tiny_model
-    from sdtune.atomic import atomic_write_text
-    from sdtune.data.latent_cache import _atomic_write
+    from sdtune.atomic import atomic_write_text, write_bytes
     write_tiny_model(out / "model.safetensors", "sd1")
     write_tiny_model(out / "folder", "sd1")
     atomic_write_text(out / "meta.json", "{}")
-    _atomic_write(out / "entry.bin", b"x")
+    write_bytes(out / "entry.bin", b"x")
     modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out / "model.safetensors",
              out / "folder", out / "folder" / "unet", out / "meta.json", out / "entry.bin"]}
     print(json.dumps(modes))

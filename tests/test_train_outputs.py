@@ -162,7 +162,7 @@ def _independent_validation_loss(model_dir: Path, image: Path, caption: str, see
     from PIL import Image
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from sdtune.train.setup import derive_seed
+    from sdtune.seeds import derive as derive_seed
 
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").eval()
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval()

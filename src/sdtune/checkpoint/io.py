@@ -15,13 +15,9 @@ folder and is renamed into place, so a crash leaves the previous file intact.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import pickle
-import shutil
 import struct
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -30,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdtune.errors import UserError, write_error
-from sdtune.umask import give_default_mode
+from sdtune.atomic import atomic_path as _atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -115,60 +111,16 @@ def _read_pickle(path: Path):
 
 @contextmanager
 def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
-    """A temporary sibling of `final` to write to; renamed over `final` when the block succeeds."""
-    final = Path(final)
-    prefix = f".{final.name}.tmp-"
-    tmp: Path | None = None
+    """A temporary sibling of `final` to write to, renamed over it when the block succeeds; what a
+    killed save of the same name left (as big as the model) is removed first."""
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _clean_up_after_a_kill(final)
-        if directory:
-            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
-        else:
-            fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
-            os.close(fd)
-            tmp = Path(name)
-        give_default_mode(tmp, directory=directory)  # mkstemp/mkdtemp would leave it owner-only
-        yield tmp
-        if directory and final.exists():
-            # A folder cannot be renamed over a non-empty one: move the old one aside first, so
-            # there is never a moment with a half-written folder under the final name.
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.replace(final, old / "x")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException as exc:
-        if tmp is not None and tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp is not None:
-            tmp.unlink(missing_ok=True)
+        with _atomic_path(final, directory=directory, clean_up=True) as tmp:
+            yield tmp
+    except OSError as exc:
         problem = write_error(exc, final)  # a full disk, a read-only folder: one clear line, no traceback
         if problem is not None:
             raise problem from None
         raise
-
-
-def _clean_up_after_a_kill(final: Path) -> None:
-    """Undo what a save of `final` that was killed (kill -9, a power cut) left behind.
-
-    Such a save had no chance to clean up: its temporary file or folder stays, as big as the model,
-    hidden by its leading dot, and one more piles up with every kill. A folder killed between its two
-    renames is missing, its previous version set aside in `.<name>.old-*`: that version is put back,
-    so that a failure of this save too still leaves it. Saving one name from two processes at once
-    is not supported anyway (the last rename would win), so what matches the names is stale.
-    """
-    stem = glob.escape(f".{final.name}.")
-    for aside in sorted(final.parent.glob(stem + "old-*")):
-        if not final.exists() and (aside / "x").exists():
-            os.replace(aside / "x", final)
-        shutil.rmtree(aside, ignore_errors=True)
-    for tmp in final.parent.glob(stem + "tmp-*"):
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
 
 
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, "torch.Tensor"]] | dict, *,
@@ -205,8 +157,6 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, "torch.Tensor"]] 
             t = t.detach().to("cpu", out_dtype).contiguous()
             if t.numel():
                 f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-        f.flush()
-        os.fsync(f.fileno())
     return path
 
 
@@ -216,8 +166,6 @@ def write_pickle(path: Path, obj: dict) -> Path:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
     return path
 
 

@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,8 +49,8 @@ from sdtune.data.buckets import crop_box
 from sdtune.data.images import BadImage, prepare_sample
 from sdtune.data.plan import DatasetPlan, Sample
 from sdtune.data.writable import cache_refusal, write_problem
+from sdtune.atomic import write_bytes
 from sdtune.errors import UserError
-from sdtune.umask import give_default_mode
 
 FORMAT_VERSION = 1
 CACHE_FOLDER = ".sdtune-cache"
@@ -156,22 +155,10 @@ class _FileHashes:
         for folder in list(self.dirty):
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                _atomic_write(folder / self.suffix, json.dumps(self.known[folder], indent=0, sort_keys=True).encode())
+                write_bytes(folder / self.suffix, json.dumps(self.known[folder], indent=0, sort_keys=True).encode())
             except OSError:
                 pass  # a read-only cache (complete, or refused before encoding) only costs re-hashing next time
         self.dirty.clear()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        give_default_mode(tmp)  # mkstemp makes it owner-only
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_writable(todo: list["Entry"]) -> None:
@@ -479,7 +466,7 @@ def _write_entry(e: Entry, mean, logvar, mask=None) -> None:
         tensors["mask"] = mask.contiguous()
     try:
         e.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(e.path, save(tensors, metadata=meta))
+        write_bytes(e.path, save(tensors, metadata=meta))
     except OSError as exc:  # a disk filled up or went read-only during the run; the entries written are kept
         raise cache_refusal(e.path.parent, exc.strerror or str(exc), "the latent cache", "") from None
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from sdtune.data.buckets import Size
 from sdtune.data.plan import DatasetPlan
+from sdtune.seeds import augmentation_seed, epoch_order_rng
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,6 @@ class BatchSpec:
     flips: tuple[bool, ...]
     crop_seeds: tuple[int | None, ...]
     color_seeds: tuple[int | None, ...]
-
-
-def _seed(*parts) -> int:
-    # Seeding Random with a str hashes it with SHA-512: stable across processes and Python runs.
-    return random.Random("/".join(str(p) for p in parts)).getrandbits(63)
 
 
 class BucketBatchSampler:
@@ -65,7 +61,7 @@ class BucketBatchSampler:
     def epoch_batches(self, epoch: int) -> list[BatchSpec]:
         """All batches of this rank for `epoch`."""
         plan = self.plan
-        rng = random.Random(f"sdtune-sampler/{self.seed}/{epoch}")
+        rng = epoch_order_rng(self.seed, epoch)
         raw: list[tuple[int, Size, list[int]]] = []
         for (d, bucket), indices in plan.groups().items():
             pool = [i for i in indices for _ in range(plan.repeats(plan.samples[i]))]
@@ -80,7 +76,7 @@ class BucketBatchSampler:
             flips, crops, colors = [], [], []
             for slot, i in enumerate(indices):
                 subset = plan.subsets[plan.samples[i].subset]
-                r = random.Random(_seed("sdtune-sample", self.seed, epoch, number, slot))
+                r = random.Random(augmentation_seed(self.seed, epoch, number, slot))
                 flips.append(subset.flip_aug and r.random() < 0.5)
                 crops.append(r.getrandbits(63) if subset.random_crop else None)
                 colors.append(r.getrandbits(63) if subset.color_aug else None)

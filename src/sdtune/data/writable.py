@@ -7,7 +7,6 @@ temporary file is made and removed in it.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -29,9 +28,8 @@ def write_problem(folder: str | Path, created: list[Path] | None = None) -> str 
     if created is not None:
         created.extend(missing)
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sdtune-write-check-")
-        os.close(fd)
-        os.unlink(tmp)
+        with tempfile.TemporaryFile(dir=folder, prefix=".sdtune-write-check-"):
+            pass  # made and removed: a probe, not a file to keep
     except OSError as exc:
         return exc.strerror or str(exc)
     return None

@@ -19,7 +19,6 @@ Pure Python: no torch import, so config validation can use `CaptionOptions`.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import re
@@ -29,6 +28,7 @@ from pydantic import ValidationError, field_validator
 
 from sdtune.config import Field, Options, suggest
 from sdtune.errors import UserError
+from sdtune.seeds import caption_rng
 
 __all__ = ["CaptionOptions", "build_caption", "process_caption", "caption_rng"]
 
@@ -117,12 +117,6 @@ def build_caption(caption: str | None, tags: str | None, opts: CaptionOptions | 
     if "\n" in caption:
         return "\n".join(line + sep + tags if line.strip() else line for line in caption.split("\n"))
     return caption + sep + tags
-
-
-def caption_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """The private generator of one sample in one epoch: same inputs, same draws, on every rank."""
-    digest = hashlib.blake2b(f"sdtune-caption:{seed}:{epoch}:{index}".encode(), digest_size=16).digest()
-    return random.Random(int.from_bytes(digest, "big"))
 
 
 def process_caption(text: str, opts: CaptionOptions, *, seed: int, epoch: int, index: int, step: int = 0,

@@ -23,11 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+from sdtune.atomic import atomic_path
 from sdtune.errors import UserError
 from sdtune.text.encode import TextConditioner, unwrap_module
 
@@ -165,19 +165,13 @@ class TextEmbeddingCache:
         from safetensors.torch import save_file
 
         path = self.path(caption)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         metadata = {"format": f"sdtune-text-embedding-{FORMAT_VERSION}", "caption": caption, "tokens": str(length),
                     "clip_skip": str(self.conditioner.layer.clip_skip),
                     "max_token_length": str(self.conditioner.max_token_length)}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({_TENSOR: embedding.detach().to("cpu").contiguous()}, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_file({_TENSOR: embedding.detach().to("cpu").contiguous()}, str(tmp), metadata=metadata)
         except (OSError, SafetensorError) as exc:  # safetensors reports a failed write as its own error
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise UserError(f"cannot write the text-embedding cache ({reason})", where=str(path.parent),
                             fix="Pass --cache_dir DIR on writable storage, or free disk space or make this folder "

@@ -24,6 +24,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from sdtune.atomic import write_bytes
 from sdtune.errors import UserError
 
 __all__ = ["RunLogger", "TrainProgress", "RunningMean", "default_run_name", "load_tracker_config",
@@ -263,19 +264,6 @@ class TrainProgress:
         self.bar.close()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def trained_settings(datasets: Sequence[Any], *, clip_skip: int, num_processes: int,
                      gradient_accumulation_steps: int) -> dict[str, Any]:
     """The values the run trained with, not the raw flags (which may be unset or overridden by the dataset config).
@@ -325,7 +313,7 @@ def write_summary(path: str | Path, options: Mapping[str, Any], steps: int, seco
         **{k: _jsonable(v) for k, v in extra.items()},
         "options": sanitize_config(options),
     }
-    _atomic_write_bytes(path, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    write_bytes(path, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     return path
 
 
@@ -333,7 +321,7 @@ def write_history(path: str | Path, record: Mapping[str, Any]) -> Path:
     """The run's record (RunHistory.record: steps, losses, outputs, gaps) as JSON, for re-plotting or
     comparing runs. Atomic; compact, since a long run has a number per step."""
     path = Path(path)
-    _atomic_write_bytes(path, (json.dumps(_jsonable(dict(record)), separators=(",", ":"), allow_nan=False)
+    write_bytes(path, (json.dumps(_jsonable(dict(record)), separators=(",", ":"), allow_nan=False)
                                + "\n").encode("utf-8"))
     return path
 
@@ -375,5 +363,5 @@ def plot_loss(path: str | Path, steps: Sequence[int], losses: Sequence[float], *
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _atomic_write_bytes(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
     return path

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdtune import seeds
 from sdtune.train.options import TrainOptions
 
 
@@ -47,7 +48,7 @@ def train(opts: TrainOptions) -> TrainResult:
     from sdtune.train.preflight import check_outputs
     from sdtune.train.prompts import load_prompts
     from sdtune.train.saving import SavePolicy, default_names, epoch_stem, step_stem
-    from sdtune.train.setup import (StopRequest, allow_fp16_gradients, compute_copy, configure_attention, derive_seed,
+    from sdtune.train.setup import (StopRequest, allow_fp16_gradients, compute_copy, configure_attention,
                                     diverged, make_accelerator, mem_eff_context, save_trained, text_embedding_cache,
                                     weight_dtype)
 
@@ -162,7 +163,7 @@ def train(opts: TrainOptions) -> TrainResult:
                                       learning_rate_te=opts.learning_rate_te)
     optimizer = optim.build_optimizer(opts.effective_optimizer, groups, opts.learning_rate, opts.optimizer_args, note=note)
     if opts.full_bf16:  # the same rounding draws on every process keeps the replicas identical
-        optim.add_bf16_stochastic_rounding(optimizer, torch.Generator(device).manual_seed(derive_seed(seed, 0xBF16)))
+        optim.add_bf16_stochastic_rounding(optimizer, torch.Generator(device).manual_seed(seeds.derive(seed, seeds.BF16_ROUNDING)))
     lr_scheduler = schedules.scheduler_from_options(opts, optimizer, total_steps=max_steps, num_processes=world, note=note)
     if train_te:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
@@ -292,7 +293,7 @@ def train(opts: TrainOptions) -> TrainResult:
             for batch in loader:
                 if not failures.admit(batch, accelerator):
                     continue  # every image of this batch (or of another process's) failed to load
-                gen = torch.Generator().manual_seed(derive_seed(seed, epoch, batch["position"], rank))
+                gen = torch.Generator().manual_seed(seeds.derive(seed, epoch, batch["position"], rank))
                 if world > 1 and not losses and not micro:  # each process names its first images once
                     print(f"process {rank + 1}/{world}: first batch "  # one write: ranks share the terminal
                           f"{', '.join(Path(plan.samples[i].path).name for i in batch['indices'])}\n", end="", flush=True)

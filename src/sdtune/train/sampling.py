@@ -19,14 +19,15 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from sdtune.atomic import atomic_path
 from sdtune.errors import UserError
+from sdtune.seeds import sample_image_seed
 from sdtune.train.prompts import SamplePrompt, round_size
 from sdtune.train.samplers import SAMPLER_ALIASES, SAMPLERS, normalize_sampler
 
@@ -130,9 +131,7 @@ def prompt_seed(prompt: SamplePrompt, run_seed: int) -> int:
     """The prompt's own seed, or one derived from (run seed, prompt index): 32 bits, to type as --d."""
     if prompt.seed is not None:
         return prompt.seed
-    import numpy as np
-
-    return int(np.random.SeedSequence([run_seed % (1 << 63), prompt.index]).generate_state(1)[0])
+    return sample_image_seed(run_seed, prompt.index)
 
 
 class SampleFiles(list):
@@ -293,12 +292,8 @@ def _save_png(image: "Image.Image", path: Path, parameters: str | None = None) -
     if parameters:
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", parameters)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def make_grid(images: Sequence[tuple["Image.Image", str]], caption_lines: int = 2) -> "Image.Image":

@@ -16,17 +16,6 @@ from sdtune.errors import UserError
 from sdtune.train.options import TrainOptions
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (SplitMix64 mixing), so nearby tuples give unrelated streams."""
-    x = 0x9E3779B97F4A7C15
-    for p in parts:
-        x ^= (p + 0x9E3779B97F4A7C15 + (x << 6) + (x >> 2)) & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 31
-    return x & 0x7FFFFFFFFFFFFFFF
-
-
 def make_accelerator(opts: TrainOptions, note: Callable[[str], None]):
     import torch
     from accelerate import Accelerator

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import struct
 import time
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sdtune.atomic import swap_folder
 from sdtune.errors import UserError, write_error
 
 STATE_FILE = "train_state.json"
@@ -142,16 +142,9 @@ def _write_state(accelerator, directory: Path, tmp: Path, position: Position, op
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
         if history is not None:  # compact: a long run's history has a number per step
             (tmp / HISTORY_FILE).write_text(json.dumps(history, separators=(",", ":"), allow_nan=False) + "\n")
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            if old.exists():  # left by a crash after the swap below: the state in place is the newer one
-                shutil.rmtree(old)
-            # A folder cannot replace a non-empty one in one rename: the previous state steps aside first,
-            # and a kill between the two renames leaves it as <name>.old, which read_state falls back to.
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old.exists():
-            shutil.rmtree(old)
+        # A kill between the swap's two renames leaves the previous state as <name>.old, which
+        # read_state falls back to.
+        swap_folder(tmp, directory, directory.with_name(directory.name + ".old"))
 
 
 def resolve_state_dir(directory: str | Path) -> Path:

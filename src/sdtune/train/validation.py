@@ -182,9 +182,9 @@ class Validator:
         """One noise tensor per validation timestep for this image, the same at every validation."""
         import torch
 
-        from sdtune.train.setup import derive_seed
+        from sdtune.seeds import derive
 
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, sample_index))
+        gen = torch.Generator().manual_seed(derive(self.seed, sample_index))
         return [torch.randn(shape, generator=gen) for _ in self.timesteps]
 
     def loss(self, unet, encode: Callable[[list[str]], "torch.Tensor"] | None = None, *, device="cpu",
