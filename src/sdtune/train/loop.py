@@ -205,7 +205,7 @@ def train(opts: TrainOptions) -> TrainResult:
                                      gradient_accumulation_steps=accum)  # what was trained, for ModelSpec and the summary
     outputs: list[Path] = []
     logger = logs.RunLogger(opts.logging_dir, opts.log_with, logs.default_run_name(opts.log_prefix),
-                            options_dict if opts.log_config else None, tracker_name=opts.log_tracker_name or "finetuning",
+                            options_dict if opts.log_config else None, tracker_name=opts.resolved("log_tracker_name"),
                             init_kwargs=_tracker_init(opts, logs), wandb_api_key=opts.wandb_api_key) if main else None
 
     def save(stem: str, step: int, epoch: int, *, final: bool = False) -> None:
