@@ -52,6 +52,8 @@ def parse_resolution(value: str | int | list | tuple, where: str) -> tuple[int, 
 
 
 class DatasetOptions(Options):
+    # Where the images and their metadata are may change on resume: the dataset itself is compared by
+    # its fingerprint (train.state.dataset_fingerprint), so a moved folder resumes and a changed one is refused.
     in_json: str | None = Field(None, "metadata file (JSON or JSONL) of the images (legacy form; or use --dataset_config)",
                                 group=G_DATA, metavar="FILE", resume="may_change")
     train_data_dir: str | None = Field(None, "folder of the images named in --in_json", group=G_DATA, metavar="DIR",

@@ -162,6 +162,7 @@ class RunOptions(Options):
                                resume="may_change")
     resume_allow_changes: bool = Field(False, "resume even if options that change training differ", group="Saving",
                                        resume="may_change")
+    # where a run starts counting may change: a state saved by a run started with --initial_step resumes without it
     initial_epoch: int | None = Field(
         None, "count epochs from N (1 = the first): training starts at epoch N from its first batch, the step "
         "counter at (N-1) x steps per epoch; the learning-rate schedule starts over unless --resume", group="Saving", ge=1,
