@@ -40,10 +40,10 @@ class Saver:
 
     def __init__(self, model, out: Path):
         from accelerate import Accelerator
-        from accelerate.state import AcceleratorState, GradientState
 
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+        from sdtune.train.accel import fresh_accelerator_state
+
+        fresh_accelerator_state()
         self.accelerator = Accelerator(cpu=True)
         self.model, self.out = model, out
         unet = model.unet

@@ -37,24 +37,61 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    def resolved(self, name: str) -> Any:
+        """The option's value, or what not giving it means (its declared `implied` value)."""
+        value = getattr(self, name)
+        return implied_value(type(self), name) if value is None else value
+
+
+# What an option's value may do between the run that saved a training state and the run resuming it:
+#   "same"        it shapes the arithmetic of training, so a different value is refused unless
+#                 --resume_allow_changes is given (the default: a new option is safe until classified);
+#   "may_change"  where things go, how often they are saved, logged or sampled, where the data lives;
+#   "length"      how long to train: may change, with a note when the learning-rate schedule depends on it.
+RESUME_FACTS = ("same", "may_change", "length")
+
 
 def Field(default: Any = None, help: str = "", *, aliases: tuple[str, ...] = (), metavar: str | None = None,
-          group: str | None = None, secret: bool = False, **kwargs: Any) -> Any:
-    """A pydantic field with the CLI details: help text, extra flag spellings, help group.
+          group: str | None = None, secret: bool = False, resume: str = "same", implied: Any = None,
+          **kwargs: Any) -> Any:
+    """A pydantic field with the CLI details (help text, extra flag spellings, help group) and the facts
+    about the option that other code asks for by name (`option_names`, `implied_value`).
 
     `secret=True` marks a credential (an API key): `public_options` leaves it out of every options
     dict that is written to a file or shown, and the options object's repr hides it.
+    `resume` says whether the option may differ on resume (RESUME_FACTS).
+    `implied` is the value that a default of None stands for, where None itself means "not given" (an
+    option that only acts when given); the help shows it, and code reads it with `implied_value`.
     """
-    extra = {"aliases": list(aliases), "metavar": metavar, "group": group, "secret": secret}
+    if resume not in RESUME_FACTS:
+        raise ValueError(f"resume={resume!r}: expected one of {RESUME_FACTS}")
+    extra = {"aliases": list(aliases), "metavar": metavar, "group": group, "secret": secret, "resume": resume,
+             "implied": implied}
     if secret:
         kwargs.setdefault("repr", False)
     return _Field(default, description=help, json_schema_extra=extra, **kwargs)
 
 
+def _facts(info: Any) -> dict[str, Any]:
+    return info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+
+
+def option_names(model: type[BaseModel], **facts: Any) -> tuple[str, ...]:
+    """The fields of `model` declared with all the given facts (e.g. `resume="may_change"`), in order."""
+    return tuple(name for name, info in model.model_fields.items()
+                 if all(_facts(info).get(key) == value for key, value in facts.items()))
+
+
 def secret_names(model: type[BaseModel]) -> frozenset[str]:
     """The fields of `model` declared with `secret=True`."""
-    return frozenset(name for name, info in model.model_fields.items()
-                     if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("secret"))
+    return frozenset(option_names(model, secret=True))
+
+
+def implied_value(model: type[BaseModel], name: str) -> Any:
+    """What the option means when not given: its `implied` value, else its default."""
+    info = model.model_fields[name]
+    implied = _facts(info).get("implied")
+    return info.default if implied is None else implied
 
 
 def public_options(opts: BaseModel) -> dict[str, Any]:
@@ -90,10 +127,11 @@ def add_options(parser: argparse.ArgumentParser, model: type[Options], title: st
             target = parser
         tp = _unwrap_optional(info.annotation)
         flags = [f"--{name}"] + [f"--{a}" for a in extra.get("aliases") or []]
-        default = info.default if info.default is not None else None
         help_text = info.description or ""
-        if default not in (None, False, "", [], ()):
-            help_text += f" (default: {default})"
+        if extra.get("implied") is not None:
+            help_text += f" (default: {extra['implied']})"
+        elif info.default not in (None, False, "", [], ()):
+            help_text += f" (default: {info.default})"
         # argparse treats "%" in help as a format directive ("%(default)s").
         help_text = help_text.replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}

@@ -52,17 +52,22 @@ def parse_resolution(value: str | int | list | tuple, where: str) -> tuple[int, 
 
 
 class DatasetOptions(Options):
+    # Where the images and their metadata are may change on resume: the dataset itself is compared by
+    # its fingerprint (train.state.dataset_fingerprint), so a moved folder resumes and a changed one is refused.
     in_json: str | None = Field(None, "metadata file (JSON or JSONL) of the images (legacy form; or use --dataset_config)",
-                                group=G_DATA, metavar="FILE")
-    train_data_dir: str | None = Field(None, "folder of the images named in --in_json", group=G_DATA, metavar="DIR")
+                                group=G_DATA, metavar="FILE", resume="may_change")
+    train_data_dir: str | None = Field(None, "folder of the images named in --in_json", group=G_DATA, metavar="DIR",
+                                       resume="may_change")
     dataset_config: str | None = Field(None, "dataset config (TOML or JSON, sd-scripts' fine-tuning schema)",
                                        group=G_DATA, metavar="FILE")
     resolution: str | None = Field(None, 'training resolution: "512" or "width,height" (default: the model\'s)',
                                    group=G_DATA, metavar="W[,H]")
     train_batch_size: int = Field(1, "images per batch and process", group=G_DATA, ge=1)
     dataset_repeats: int = Field(1, "times each image is seen per epoch", group=G_DATA, ge=1)
-    strict: bool = Field(False, "fail on a corrupt, unreadable or too small image instead of skipping it", group=G_DATA)
-    dry_run: bool = Field(False, "print the buckets, steps per epoch and cache plan, then exit", group=G_DATA)
+    strict: bool = Field(False, "fail on a corrupt, unreadable or too small image instead of skipping it", group=G_DATA,
+                         resume="may_change")
+    dry_run: bool = Field(False, "print the buckets, steps per epoch and cache plan, then exit", group=G_DATA,
+                          resume="may_change")
 
     enable_bucket: bool = Field(False, "aspect-ratio bucketing: train at several resolutions of about the same area",
                                 group=G_BUCKET)
@@ -101,18 +106,19 @@ class DatasetOptions(Options):
     cache_latents_to_disk: bool = Field(False, "cache latents on disk and reuse them in later runs (implies "
                                         "--cache_latents)", group=G_CACHE)
     cache_dir: str | None = Field(None, "where disk caches go (default: a .sdtune-cache folder beside each "
-                                  "subset's images)", group=G_CACHE, metavar="DIR")
+                                  "subset's images)", group=G_CACHE, metavar="DIR", resume="may_change")
     vae: str | None = Field(None, "a separate VAE (.safetensors/.ckpt file, Diffusers folder or hub id) that encodes "
                             "the images and samples and is saved in the trained model in place of the model's own",
                             group="Model", metavar="PATH")
-    vae_batch_size: int = Field(4, "images per VAE call when caching", group=G_CACHE, ge=1)
+    vae_batch_size: int = Field(4, "images per VAE call when caching", group=G_CACHE, ge=1, resume="may_change")
     no_half_vae: bool = Field(False, "run the VAE in float32 (default: float16 on GPU; CPU always uses float32)",
                               group=G_CACHE)
     skip_cache_check: bool = Field(False, "trust cache entries that exist without checking their header and shapes",
-                                   group=G_CACHE)
+                                   group=G_CACHE, resume="may_change")
     max_data_loader_n_workers: int = Field(8, "image-decoding worker processes (0: decode in the main process)",
-                                           group=G_CACHE, ge=0)
-    persistent_data_loader_workers: bool = Field(False, "keep the workers alive between epochs", group=G_CACHE)
+                                           group=G_CACHE, ge=0, resume="may_change")
+    persistent_data_loader_workers: bool = Field(False, "keep the workers alive between epochs", group=G_CACHE,
+                                                 resume="may_change")
 
     @field_validator("resolution")
     @classmethod

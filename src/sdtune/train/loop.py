@@ -43,12 +43,13 @@ def train(opts: TrainOptions) -> TrainResult:
     from sdtune.text import CaptionOptions, TextConditioner, build_caption, process_caption
     from sdtune.text.encode import clip_skip_note
     from sdtune.train import history as run_history, logs, optim, sampling, schedules, state, validation
+    from sdtune.train.accel import allow_fp16_gradients, micro_batch
     from sdtune.train.ema import EMA
     from sdtune.train.noise import DiffusionObjective
     from sdtune.train.preflight import check_outputs
     from sdtune.train.prompts import load_prompts
     from sdtune.train.saving import SavePolicy, default_names, epoch_stem, step_stem
-    from sdtune.train.setup import (StopRequest, allow_fp16_gradients, compute_copy, configure_attention,
+    from sdtune.train.setup import (StopRequest, compute_copy, configure_attention,
                                     diverged, make_accelerator, mem_eff_context, save_trained, text_embedding_cache,
                                     weight_dtype)
 
@@ -205,7 +206,7 @@ def train(opts: TrainOptions) -> TrainResult:
                                      gradient_accumulation_steps=accum)  # what was trained, for ModelSpec and the summary
     outputs: list[Path] = []
     logger = logs.RunLogger(opts.logging_dir, opts.log_with, logs.default_run_name(opts.log_prefix),
-                            options_dict if opts.log_config else None, tracker_name=opts.log_tracker_name or "finetuning",
+                            options_dict if opts.log_config else None, tracker_name=opts.resolved("log_tracker_name"),
                             init_kwargs=_tracker_init(opts, logs), wandb_api_key=opts.wandb_api_key) if main else None
 
     def save(stem: str, step: int, epoch: int, *, final: bool = False) -> None:
@@ -298,11 +299,10 @@ def train(opts: TrainOptions) -> TrainResult:
                     print(f"process {rank + 1}/{world}: first batch "  # one write: ranks share the terminal
                           f"{', '.join(Path(plan.samples[i].path).name for i in batch['indices'])}\n", end="", flush=True)
                 t0 = time.time()
-                if batch["position"] == last_batch:
-                    # The epoch's last batch closes the step, as sd-scripts' prepared loader does: the epoch
-                    # holds steps_per_epoch steps, and a state saved at its end has no half-accumulated gradient.
-                    accelerator.step = accum - 1
-                with accelerator.accumulate(*trained):
+                # The epoch's last batch closes the step, as sd-scripts' prepared loader does: the epoch
+                # holds steps_per_epoch steps, and a state saved at its end has no half-accumulated gradient.
+                closes_step = len(micro) + 1 == accum or batch["position"] == last_batch
+                with micro_batch(accelerator, trained, closes_step):
                     if cache is not None:
                         latents = sample_latents(batch["latent_mean"].float(), batch["latent_logvar"].float(), gen)
                         latents = latents.to(device) * scaling

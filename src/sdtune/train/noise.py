@@ -32,7 +32,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from sdtune.config import implied_value
 from sdtune.errors import UserError
+from sdtune.train.options import NoiseLossOptions
 
 if TYPE_CHECKING:
     import torch
@@ -46,8 +48,16 @@ SNR_CAP = 1000.0
 
 
 def _opt(options: Any, name: str, default: Any = None) -> Any:
+    """The option's value; when not given, `default` (the value that turns its effect off) or, without
+    one, what the option declares its absence to mean."""
+    if default is None:
+        default = _implied(name)
     value = getattr(options, name, default)
     return default if value is None else value
+
+
+def _implied(name: str) -> Any:
+    return implied_value(NoiseLossOptions, name)
 
 
 @dataclass(frozen=True)
@@ -58,10 +68,10 @@ class NoiseConfig:
     noise_offset_random_strength: bool = False
     adaptive_noise_scale: float | None = None
     multires_noise_iterations: int = 0
-    multires_noise_discount: float = 0.3
+    multires_noise_discount: float = _implied("multires_noise_discount")
     ip_noise_gamma: float = 0.0
     ip_noise_gamma_random_strength: bool = False
-    min_timestep: int = 0
+    min_timestep: int = _implied("min_timestep")
     max_timestep: int | None = None  # None: the scheduler's num_train_timesteps
     zero_terminal_snr: bool = False
 
@@ -101,10 +111,10 @@ class NoiseConfig:
             noise_offset_random_strength=bool(_opt(options, "noise_offset_random_strength", False)),
             adaptive_noise_scale=getattr(options, "adaptive_noise_scale", None),
             multires_noise_iterations=int(_opt(options, "multires_noise_iterations", 0)),
-            multires_noise_discount=float(_opt(options, "multires_noise_discount", 0.3)),
+            multires_noise_discount=float(_opt(options, "multires_noise_discount")),
             ip_noise_gamma=float(_opt(options, "ip_noise_gamma", 0.0)),
             ip_noise_gamma_random_strength=bool(_opt(options, "ip_noise_gamma_random_strength", False)),
-            min_timestep=int(_opt(options, "min_timestep", 0)),
+            min_timestep=int(_opt(options, "min_timestep")),
             max_timestep=getattr(options, "max_timestep", None),
             zero_terminal_snr=bool(_opt(options, "zero_terminal_snr", False)),
         )
@@ -129,10 +139,10 @@ class LossConfig:
     """What the U-Net is trained to predict and how the per-sample loss is weighted."""
 
     prediction_type: PredictionType = "epsilon"
-    loss_type: str = "l2"
-    huber_schedule: str = "snr"
-    huber_c: float = 0.1
-    huber_scale: float = 1.0
+    loss_type: str = _implied("loss_type")
+    huber_schedule: str = _implied("huber_schedule")
+    huber_c: float = _implied("huber_c")
+    huber_scale: float = _implied("huber_scale")
     min_snr_gamma: float | None = None
     scale_v_pred_loss_like_noise_pred: bool = False
     v_pred_like_loss: float | None = None
@@ -174,7 +184,7 @@ class LossConfig:
     @classmethod
     def from_options(cls, options: Any, prediction_type: str) -> "LossConfig":
         """From the typed options; the prediction type comes from the model family (after --v_parameterization)."""
-        loss_type = _opt(options, "loss_type", "l2")
+        loss_type = _opt(options, "loss_type")
         if loss_type not in ("huber", "smooth_l1"):
             for name in ("huber_schedule", "huber_c", "huber_scale"):
                 if getattr(options, name, None) is not None:
@@ -183,9 +193,9 @@ class LossConfig:
         return cls(
             prediction_type=prediction_type,  # type: ignore[arg-type]
             loss_type=loss_type,
-            huber_schedule=_opt(options, "huber_schedule", "snr"),
-            huber_c=float(_opt(options, "huber_c", 0.1)),
-            huber_scale=float(_opt(options, "huber_scale", 1.0)),
+            huber_schedule=_opt(options, "huber_schedule"),
+            huber_c=float(_opt(options, "huber_c")),
+            huber_scale=float(_opt(options, "huber_scale")),
             min_snr_gamma=getattr(options, "min_snr_gamma", None),
             scale_v_pred_loss_like_noise_pred=bool(_opt(options, "scale_v_pred_loss_like_noise_pred", False)),
             v_pred_like_loss=getattr(options, "v_pred_like_loss", None),

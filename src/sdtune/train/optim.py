@@ -29,7 +29,9 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from sdtune.config import implied_value
 from sdtune.errors import UserError
+from sdtune.train.options import TrainingOptions
 
 if TYPE_CHECKING:
     import torch
@@ -91,7 +93,7 @@ def resolve_optimizer_name(optimizer_type: str | None, use_8bit_adam: bool = Fal
         return "AdamW8bit"
     if use_lion_optimizer:
         return "Lion"
-    return optimizer_type or "AdamW"
+    return optimizer_type or implied_value(TrainingOptions, "optimizer_type")
 
 
 # ---------------------------------------------------------------- parameter groups

@@ -28,15 +28,16 @@ class ModelOptions(Options):
 
 class TrainingOptions(Options):
     learning_rate: float = Field(2e-6, "learning rate of the U-Net", group="Training", gt=0)
-    max_train_steps: int = Field(1600, "number of optimizer steps", group="Training", ge=1)
-    max_train_epochs: int | None = Field(None, "number of epochs (overrides --max_train_steps)", group="Training", ge=1)
-    seed: int | None = Field(None, "random seed: the same seed gives the same run (default: 42)", group="Training")
+    max_train_steps: int = Field(1600, "number of optimizer steps", group="Training", ge=1, resume="length")
+    max_train_epochs: int | None = Field(None, "number of epochs (overrides --max_train_steps)", group="Training", ge=1,
+                                         resume="length")
+    seed: int | None = Field(None, "random seed: the same seed gives the same run", group="Training", implied=42)
     gradient_accumulation_steps: int = Field(1, "micro-batches per optimizer step", group="Training", ge=1)
     max_grad_norm: float = Field(1.0, "clip the gradient norm to this (0 disables)", group="Training", ge=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", "mixed precision for the forward pass", group="Training")
     optimizer_type: str | None = Field(
         None, "optimizer: AdamW, AdamW8bit, Lion, Lion8bit, SGDNesterov, SGDNesterov8bit, Adafactor, Prodigy, "
-        "AdamWScheduleFree, ... or a class path such as torch.optim.RAdam (default: AdamW)", group="Training")
+        "AdamWScheduleFree, ... or a class path such as torch.optim.RAdam", group="Training", implied="AdamW")
     optimizer_args: list[str] = Field([], "optimizer arguments as key=value", group="Training", metavar="K=V")
     use_8bit_adam: bool = Field(False, "same as --optimizer_type AdamW8bit (needs bitsandbytes)", group="Training")
     use_lion_optimizer: bool = Field(False, "same as --optimizer_type Lion (needs lion-pytorch)", group="Training")
@@ -47,11 +48,11 @@ class TrainingOptions(Options):
     lr_warmup_steps: float | str = Field(0.0, "warm-up: a step count, a fraction < 1 of the steps, or 'N%'", group="Training")
     lr_scheduler_num_cycles: int | None = Field(
         None, "cosine_with_restarts: number of cycles; cosine_with_min_lr, warmup_stable_decay: half-waves of the "
-        "cosine (default: 1)", group="Training", ge=1)
-    lr_scheduler_power: float | None = Field(None, "polynomial: power of the decay (default: 1.0)", group="Training", gt=0)
+        "cosine", group="Training", ge=1, implied=1)
+    lr_scheduler_power: float | None = Field(None, "polynomial: power of the decay", group="Training", gt=0, implied=1.0)
     lr_decay_steps: float | str | None = Field(
-        None, "warmup_stable_decay: decay steps at the end, a step count, a fraction < 1 of the steps, or 'N%' "
-        "(default: 0)", group="Training")
+        None, "warmup_stable_decay: decay steps at the end, a step count, a fraction < 1 of the steps, or 'N%'",
+        group="Training", implied=0)
     lr_scheduler_timescale: int | None = Field(
         None, "inverse_sqrt: timescale in steps (default: the warm-up steps, or 10000 without warm-up)",
         group="Training", ge=1)
@@ -119,16 +120,18 @@ class NoiseLossOptions(Options):
     noise_offset_random_strength: bool = Field(False, "use noise_offset * U(0,1), one draw per batch", group="Noise and loss")
     adaptive_noise_scale: float | None = Field(None, "add this x |mean of the latents| to --noise_offset, per image and channel", group="Noise and loss")
     multires_noise_iterations: int | None = Field(None, "levels of multires (pyramid) noise, e.g. 6", group="Noise and loss", ge=1)
-    multires_noise_discount: float | None = Field(None, "weight factor per pyramid level (default: 0.3)", group="Noise and loss", gt=0, le=1)
+    multires_noise_discount: float | None = Field(None, "weight factor per pyramid level", group="Noise and loss", gt=0,
+                                                  le=1, implied=0.3)
     ip_noise_gamma: float | None = Field(None, "input perturbation strength, e.g. 0.1 (the target keeps the plain noise)", group="Noise and loss", ge=0)
     ip_noise_gamma_random_strength: bool = Field(False, "use ip_noise_gamma * U(0,1), one draw per batch", group="Noise and loss")
-    min_timestep: int | None = Field(None, "lowest training timestep (default: 0)", group="Noise and loss", ge=0, le=999)
-    max_timestep: int | None = Field(None, "train timesteps below this (default: 1000)", group="Noise and loss", ge=0, le=1000)
+    min_timestep: int | None = Field(None, "lowest training timestep", group="Noise and loss", ge=0, le=999, implied=0)
+    max_timestep: int | None = Field(None, "train timesteps below this (default: the model's training timesteps, 1000)", group="Noise and loss", ge=0, le=1000)
     zero_terminal_snr: bool = Field(False, "rescale the noise schedule to zero SNR at the last step (for v-prediction)", group="Noise and loss")
     loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = Field("l2", "loss function", group="Noise and loss")
-    huber_schedule: Literal["constant", "exponential", "snr"] | None = Field(None, "how the Huber threshold follows the timestep (default: snr)", group="Noise and loss")
-    huber_c: float | None = Field(None, "Huber threshold (default: 0.1)", group="Noise and loss", gt=0)
-    huber_scale: float | None = Field(None, "Huber threshold scale (default: 1.0)", group="Noise and loss", gt=0)
+    huber_schedule: Literal["constant", "exponential", "snr"] | None = Field(None, "how the Huber threshold follows the timestep", group="Noise and loss",
+        implied="snr")
+    huber_c: float | None = Field(None, "Huber threshold", group="Noise and loss", gt=0, implied=0.1)
+    huber_scale: float | None = Field(None, "Huber threshold scale", group="Noise and loss", gt=0, implied=1.0)
     min_snr_gamma: float | None = Field(None, "min-SNR loss weighting, e.g. 5", group="Noise and loss", gt=0)
     scale_v_pred_loss_like_noise_pred: bool = Field(False, "v-prediction: weight the loss by SNR/(SNR+1) like an epsilon loss", group="Noise and loss")
     v_pred_like_loss: float | None = Field(None, "epsilon models: add a v-prediction-like loss term of this weight", group="Noise and loss", gt=0)
@@ -136,44 +139,66 @@ class NoiseLossOptions(Options):
 
 
 class RunOptions(Options):
-    save_every_n_epochs: int | None = Field(None, "save the model every N epochs", group="Saving", ge=1)
+    save_every_n_epochs: int | None = Field(None, "save the model every N epochs", group="Saving", ge=1,
+                                            resume="may_change")
     save_n_epoch_ratio: int | None = Field(
-        None, "save at least N times over the run: every max(1, epochs // N) epochs (0 = off)", group="Saving", ge=0)
-    save_every_n_steps: int | None = Field(None, "save the model every N steps", group="Saving", ge=1)
-    save_last_n_epochs: int | None = Field(None, "keep only the last N epoch saves", group="Saving", ge=1)
-    save_last_n_steps: int | None = Field(None, "keep only the step saves of the last N steps", group="Saving", ge=1)
-    save_state: bool = Field(False, "write the training state (for --resume) next to each save", group="Saving")
-    save_state_on_train_end: bool = Field(False, "write the training state at the end of training", group="Saving")
-    save_last_n_epochs_state: int | None = Field(None, "keep only the last N epoch states (default: as models)", group="Saving", ge=1)
-    save_last_n_steps_state: int | None = Field(None, "keep only the states of the last N steps (default: as models)", group="Saving", ge=1)
-    resume: str | None = Field(None, "continue from a state folder written by --save_state", group="Saving", metavar="DIR")
-    resume_allow_changes: bool = Field(False, "resume even if options that change training differ", group="Saving")
+        None, "save at least N times over the run: every max(1, epochs // N) epochs (0 = off)", group="Saving", ge=0,
+        resume="may_change")
+    save_every_n_steps: int | None = Field(None, "save the model every N steps", group="Saving", ge=1,
+                                           resume="may_change")
+    save_last_n_epochs: int | None = Field(None, "keep only the last N epoch saves", group="Saving", ge=1,
+                                           resume="may_change")
+    save_last_n_steps: int | None = Field(None, "keep only the step saves of the last N steps", group="Saving", ge=1,
+                                          resume="may_change")
+    save_state: bool = Field(False, "write the training state (for --resume) next to each save", group="Saving",
+                             resume="may_change")
+    save_state_on_train_end: bool = Field(False, "write the training state at the end of training", group="Saving",
+                                          resume="may_change")
+    save_last_n_epochs_state: int | None = Field(None, "keep only the last N epoch states (default: as models)", group="Saving", ge=1,
+                                                 resume="may_change")
+    save_last_n_steps_state: int | None = Field(None, "keep only the states of the last N steps (default: as models)", group="Saving", ge=1,
+                                                resume="may_change")
+    resume: str | None = Field(None, "continue from a state folder written by --save_state", group="Saving", metavar="DIR",
+                               resume="may_change")
+    resume_allow_changes: bool = Field(False, "resume even if options that change training differ", group="Saving",
+                                       resume="may_change")
+    # where a run starts counting may change: a state saved by a run started with --initial_step resumes without it
     initial_epoch: int | None = Field(
         None, "count epochs from N (1 = the first): training starts at epoch N from its first batch, the step "
-        "counter at (N-1) x steps per epoch; the learning-rate schedule starts over unless --resume", group="Saving", ge=1)
+        "counter at (N-1) x steps per epoch; the learning-rate schedule starts over unless --resume", group="Saving", ge=1,
+        resume="may_change")
     initial_step: int | None = Field(
         None, "count steps from N: training starts at step N, in the epoch that holds it, from that epoch's first "
-        "batch (no data is skipped); the learning-rate schedule starts over unless --resume", group="Saving", ge=0)
+        "batch (no data is skipped); the learning-rate schedule starts over unless --resume", group="Saving", ge=0,
+        resume="may_change")
     ema: bool = Field(False, "keep an exponential moving average of the U-Net weights", group="EMA")
     ema_decay: float = Field(0.9999, "EMA decay per update", group="EMA", gt=0, lt=1)
     ema_update_every: int = Field(1, "update the EMA every N optimizer steps", group="EMA", ge=1)
     ema_cpu: bool = Field(False, "keep the EMA weights in CPU memory", group="EMA")
-    save_ema: bool = Field(False, "save the EMA weights as the model (else they are saved beside it as <name>-ema)", group="EMA")
+    save_ema: bool = Field(False, "save the EMA weights as the model (else they are saved beside it as <name>-ema)", group="EMA",
+                           resume="may_change")
     validation_split: float = Field(0.0, "hold out this fraction of each subset's images for a validation loss "
                                     "(a dataset's own validation_split wins)", group="Validation", ge=0, lt=1)
     validation_seed: int | None = Field(None, "seed of the validation split and noise (default: --seed)", group="Validation")
-    validate_every_n_steps: int | None = Field(None, "compute the validation loss every N optimizer steps", group="Validation", ge=1)
+    validate_every_n_steps: int | None = Field(None, "compute the validation loss every N optimizer steps", group="Validation", ge=1,
+                                               resume="may_change")
     validate_every_n_epochs: int | None = Field(None, "compute the validation loss every N epochs (default: every epoch)",
-                                                group="Validation", ge=1)
-    max_validation_steps: int | None = Field(None, "use at most N held-out batches per validation", group="Validation", ge=1)
+                                                group="Validation", ge=1, resume="may_change")
+    max_validation_steps: int | None = Field(None, "use at most N held-out batches per validation", group="Validation", ge=1,
+                                             resume="may_change")
 
 
 class SamplingOptions(Options):
-    sample_every_n_steps: int | None = Field(None, "generate sample images every N optimizer steps (0 = off)", group="Sampling", ge=0)
-    sample_every_n_epochs: int | None = Field(None, "generate sample images every N epochs (overrides --sample_every_n_steps)", group="Sampling", ge=0)
-    sample_at_first: bool = Field(False, "generate sample images before the first step", group="Sampling")
-    sample_prompts: str | None = Field(None, "prompt file for sample images (.txt, .toml or .json)", group="Sampling", metavar="FILE")
-    sample_sampler: str = Field("ddim", "sampler for sample images (ddim, euler_a, dpmsolver++, dpm++_2m_karras, ...)", group="Sampling")
+    sample_every_n_steps: int | None = Field(None, "generate sample images every N optimizer steps (0 = off)", group="Sampling", ge=0,
+                                             resume="may_change")
+    sample_every_n_epochs: int | None = Field(None, "generate sample images every N epochs (overrides --sample_every_n_steps)", group="Sampling", ge=0,
+                                              resume="may_change")
+    sample_at_first: bool = Field(False, "generate sample images before the first step", group="Sampling",
+                                  resume="may_change")
+    sample_prompts: str | None = Field(None, "prompt file for sample images (.txt, .toml or .json)", group="Sampling", metavar="FILE",
+                                       resume="may_change")
+    sample_sampler: str = Field("ddim", "sampler for sample images (ddim, euler_a, dpmsolver++, dpm++_2m_karras, ...)", group="Sampling",
+                                resume="may_change")
 
     @field_validator("sample_sampler")
     @classmethod
@@ -184,48 +209,59 @@ class SamplingOptions(Options):
 
 
 class LoggingOptions(Options):
-    logging_dir: str | None = Field(None, "write logs here (TensorBoard unless --log_with says otherwise)", group="Logging", metavar="DIR")
-    log_with: Literal["tensorboard", "wandb", "all"] | None = Field(None, "trackers (default: tensorboard when --logging_dir is given)", group="Logging")
-    log_prefix: str | None = Field(None, "prefix of the run folder under --logging_dir", group="Logging")
-    log_tracker_name: str | None = Field(None, "TensorBoard subfolder and wandb project (default: finetuning)", group="Logging")
+    logging_dir: str | None = Field(None, "write logs here (TensorBoard unless --log_with says otherwise)", group="Logging", metavar="DIR",
+                                    resume="may_change")
+    log_with: Literal["tensorboard", "wandb", "all"] | None = Field(None, "trackers (default: tensorboard when --logging_dir is given)", group="Logging",
+                                                                    resume="may_change")
+    log_prefix: str | None = Field(None, "prefix of the run folder under --logging_dir", group="Logging",
+                                   resume="may_change")
+    log_tracker_name: str | None = Field(None, "TensorBoard subfolder and wandb project", group="Logging",
+                                         implied="finetuning")
     log_tracker_config: str | None = Field(None, "TOML with [wandb] / [tensorboard] init arguments", group="Logging", metavar="FILE")
     log_config: bool = Field(False, "record the options (without secrets) in the tracker", group="Logging")
-    wandb_run_name: str | None = Field(None, "wandb run name", group="Logging")
+    wandb_run_name: str | None = Field(None, "wandb run name", group="Logging", resume="may_change")
     wandb_api_key: str | None = Field(
         None, "wandb API key (prefer the WANDB_API_KEY environment variable); never written to a file nor printed",
         group="Logging", secret=True)
     console_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = Field(
-        None, "hide lines below this level: sdtune's (its notes are warnings), the libraries' and Python warnings "
-        "(default: INFO)", group="Logging")
+        None, "hide lines below this level: sdtune's (its notes are warnings), the libraries' and Python warnings",
+        group="Logging", resume="may_change", implied="INFO")
     console_log_file: str | None = Field(
         None, "append the log lines to this file instead of the terminal (the progress bar stays)", group="Logging",
-        metavar="FILE")
+        metavar="FILE", resume="may_change")
     console_log_simple: bool = Field(False, "plain log lines: the libraries' on stdout with sdtune's; in "
-                                     "--console_log_file the message without time and level", group="Logging")
+                                     "--console_log_file the message without time and level", group="Logging",
+                                     resume="may_change")
 
 
 class SavingOptions(Options):
-    output_dir: str | None = Field(None, "folder for the trained model", group="Saving", metavar="DIR")
-    output_name: str | None = Field(None, "file name of the trained model, without extension (default: last)", group="Saving")
+    output_dir: str | None = Field(None, "folder for the trained model", group="Saving", metavar="DIR",
+                                   resume="may_change")
+    output_name: str | None = Field(None, "file name of the trained model, without extension", group="Saving", implied="last",
+                                    resume="may_change")
     save_model_as: Literal["ckpt", "safetensors", "diffusers", "diffusers_safetensors"] = Field(
-        "safetensors", "format of the saved model (diffusers* write a folder)", group="Saving")
+        "safetensors", "format of the saved model (diffusers* write a folder)", group="Saving", resume="may_change")
     save_precision: Literal["float", "fp16", "bf16"] | None = Field(
-        None, "dtype of the saved weights (default: as trained, float32)", group="Saving")
+        None, "dtype of the saved weights (default: as trained, float32)", group="Saving", resume="may_change")
     use_safetensors: bool = Field(
         False, "sd-scripts' legacy flag: safetensors serialisation (with --save_model_as diffusers: diffusers_safetensors)",
-        group="Saving")
-    metadata_title: str | None = Field(None, "ModelSpec title (default: the output name)", group="Saving")
-    metadata_author: str | None = Field(None, "ModelSpec author", group="Saving")
-    metadata_description: str | None = Field(None, "ModelSpec description", group="Saving")
-    metadata_license: str | None = Field(None, "ModelSpec license", group="Saving")
-    metadata_tags: str | None = Field(None, "ModelSpec tags, comma-separated", group="Saving")
-    metadata_usage_hint: str | None = Field(None, "ModelSpec usage hint (a very short how-to)", group="Saving")
+        group="Saving", resume="may_change")
+    metadata_title: str | None = Field(None, "ModelSpec title (default: the output name)", group="Saving",
+                                       resume="may_change")
+    metadata_author: str | None = Field(None, "ModelSpec author", group="Saving", resume="may_change")
+    metadata_description: str | None = Field(None, "ModelSpec description", group="Saving", resume="may_change")
+    metadata_license: str | None = Field(None, "ModelSpec license", group="Saving", resume="may_change")
+    metadata_tags: str | None = Field(None, "ModelSpec tags, comma-separated", group="Saving", resume="may_change")
+    metadata_usage_hint: str | None = Field(None, "ModelSpec usage hint (a very short how-to)", group="Saving",
+                                            resume="may_change")
     metadata_thumbnail: str | None = Field(None, "ModelSpec thumbnail: an image file (stored as a data URL) or a data "
-                                           "URL", group="Saving", metavar="FILE")
-    metadata_merged_from: str | None = Field(None, "ModelSpec: the models this one was merged from", group="Saving")
-    metadata_trigger_phrase: str | None = Field(None, "ModelSpec trigger phrase", group="Saving")
-    metadata_preprocessor: str | None = Field(None, "ModelSpec preprocessor", group="Saving")
-    metadata_is_negative_embedding: str | None = Field(None, "ModelSpec is_negative_embedding", group="Saving")
+                                           "URL", group="Saving", metavar="FILE", resume="may_change")
+    metadata_merged_from: str | None = Field(None, "ModelSpec: the models this one was merged from", group="Saving",
+                                             resume="may_change")
+    metadata_trigger_phrase: str | None = Field(None, "ModelSpec trigger phrase", group="Saving", resume="may_change")
+    metadata_preprocessor: str | None = Field(None, "ModelSpec preprocessor", group="Saving", resume="may_change")
+    metadata_is_negative_embedding: str | None = Field(None, "ModelSpec is_negative_embedding", group="Saving",
+                                                       resume="may_change")
 
     @field_validator("output_name")
     @classmethod
@@ -270,7 +306,7 @@ class SavingOptions(Options):
     def output_path(self, stem: str | None = None):
         from pathlib import Path
 
-        name = stem or self.output_name or "last"
+        name = stem or self.resolved("output_name")
         return Path(self.output_dir or ".") / (name + SAVE_EXTENSIONS[self.save_format])
 
 
@@ -337,7 +373,7 @@ class TrainOptions(ModelOptions, DatasetOptions, TrainingOptions, NoiseLossOptio
 
     @property
     def effective_seed(self) -> int:
-        return 42 if self.seed is None else self.seed
+        return self.resolved("seed")
 
     @property
     def effective_validation_seed(self) -> int:

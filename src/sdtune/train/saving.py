@@ -22,12 +22,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdtune.config import implied_value
+from sdtune.train.options import SavingOptions
+
 EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "diffusers": "", "diffusers_safetensors": ""}
 
 
 def default_names(output_name: str | None) -> tuple[str, str, str]:
     """The (final, epoch, step) save names: `--output_name` for all, or sd-scripts' defaults."""
-    return (output_name, output_name, output_name) if output_name else ("last", "epoch", "at")
+    final = implied_value(SavingOptions, "output_name")
+    return (output_name, output_name, output_name) if output_name else (final, "epoch", "at")
 
 
 def epoch_stem(name: str, epoch: int) -> str:

@@ -13,6 +13,7 @@ from typing import Callable
 
 from sdtune.console import plural
 from sdtune.errors import UserError
+from sdtune.train.accel import fresh_accelerator_state
 from sdtune.train.options import TrainOptions
 
 
@@ -33,32 +34,9 @@ def make_accelerator(opts: TrainOptions, note: Callable[[str], None]):
     # A trained text encoder conditioned on an earlier layer (clip skip) leaves its top layers
     # without gradients, which DDP must be told about.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=opts.train_text_encoder)
-    # accelerate keeps precision and accumulation in process-wide singletons and refuses a second
-    # Accelerator with other values; a second run in one process (tests, notebooks) must start
-    # afresh. The distributed state (PartialState) is kept: the process group outlives a run.
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+    fresh_accelerator_state()  # a second run in one process (tests, notebooks) starts afresh
     return Accelerator(gradient_accumulation_steps=opts.gradient_accumulation_steps, mixed_precision=precision,
                        cpu=not on_gpu, kwargs_handlers=[ddp])
-
-
-def allow_fp16_gradients(accelerator) -> None:
-    """--full_fp16: let accelerate's gradient scaler unscale float16 gradients.
-
-    torch's GradScaler refuses float16 gradients because it assumes float32 master weights; with
-    --full_fp16 there are none by choice (sd-scripts patches the scaler the same way).
-    """
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is None:
-        return
-    unscale = scaler._unscale_grads_
-
-    def _unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16):
-        return unscale(optimizer, inv_scale, found_inf, True)
-
-    scaler._unscale_grads_ = _unscale_grads_
 
 
 def text_embedding_cache(plan, conditioner, caption_options, opts: TrainOptions, accelerator, note):

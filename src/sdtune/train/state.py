@@ -27,35 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.atomic import swap_folder
+from sdtune.config import option_names, secret_names
 from sdtune.errors import UserError, write_error
+from sdtune.train.options import TrainOptions
 
 STATE_FILE = "train_state.json"
 HISTORY_FILE = "history.json"
 FORMAT = 1
-
-# Options that may differ between the run that saved a state and the run that resumes it: where
-# things go, how often they are saved or logged, how long to train, and where the data lives.
-# Everything else changes the arithmetic of training, so resuming with a different value is
-# refused unless --resume_allow_changes is given.
-MAY_CHANGE = {
-    "output_dir", "output_name", "save_model_as", "save_precision", "use_safetensors", "save_every_n_epochs",
-    "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps", "save_last_n_epochs_state",
-    "save_last_n_steps_state", "save_state", "save_state_on_train_end", "save_ema", "max_train_steps",
-    "max_train_epochs", "resume", "resume_allow_changes", "dry_run", "logging_dir", "log_with", "log_prefix",
-    "wandb_run_name", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first", "sample_prompts",
-    "sample_sampler", "metadata_title", "metadata_author", "metadata_description", "metadata_license",
-    "metadata_tags", "max_data_loader_n_workers", "persistent_data_loader_workers", "vae_batch_size",
-    "skip_cache_check", "cache_dir", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
-    "strict", "save_n_epoch_ratio", "console_log_level", "console_log_file", "console_log_simple",
-    "metadata_usage_hint", "metadata_thumbnail", "metadata_merged_from", "metadata_trigger_phrase",
-    "metadata_preprocessor", "metadata_is_negative_embedding",
-    # where a run starts counting: a state saved by a run started with --initial_step resumes without it
-    "initial_step", "initial_epoch",
-    # where the images and their metadata are: the dataset itself is compared by its fingerprint
-    # (dataset_fingerprint), so a moved folder resumes and a changed one is refused
-    "train_data_dir", "in_json",
-}
-
 
 @dataclass
 class Position:
@@ -66,17 +44,11 @@ class Position:
 
 
 def significant_options(options: dict[str, Any]) -> dict[str, Any]:
-    hidden = MAY_CHANGE | _secrets()
-    return {k: v for k, v in sorted(options.items()) if k not in hidden}
-
-
-def _secrets() -> frozenset[str]:
-    """The options declared secret: never written to a state, never compared on resume (a new API key
-    changes nothing in training), even when given in a dict that still holds them."""
-    from sdtune.config import secret_names
-    from sdtune.train.options import TrainOptions
-
-    return secret_names(TrainOptions)
+    """The options that must match on resume: those declared `resume="same"` (every option not
+    declared otherwise), without the secrets (a new API key changes nothing in training), even when
+    given in a dict that still holds them."""
+    hidden = set(option_names(TrainOptions, resume="may_change") + option_names(TrainOptions, resume="length"))
+    return {k: v for k, v in sorted(options.items()) if k not in hidden | secret_names(TrainOptions)}
 
 
 def save_state(accelerator, directory: Path, position: Position, options: dict[str, Any], ema=None,
@@ -131,7 +103,7 @@ def _write_state(accelerator, directory: Path, tmp: Path, position: Position, op
 
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
-        public = {k: v for k, v in options.items() if k not in _secrets()}
+        public = {k: v for k, v in options.items() if k not in secret_names(TrainOptions)}
         record = {"format": FORMAT, "position": asdict(position), "options": significant_options(options),
                   "all_options": public, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if dataset is not None:
@@ -279,7 +251,7 @@ def length_change_note(record: dict[str, Any], options: dict[str, Any]) -> str |
     """A note when the resumed run is longer or shorter than the saved one and its learning-rate
     schedule depends on the length (or the warm-up is a fraction of it)."""
     saved = record.get("all_options") or {}
-    keys = ("max_train_steps", "max_train_epochs")
+    keys = option_names(TrainOptions, resume="length")
     if all(saved.get(k) == options.get(k) for k in keys):
         return None
     fractional = _fractional_warmup(options.get("lr_warmup_steps"))

@@ -1,0 +1,62 @@
+"""What sdtune needs from accelerate beyond its everyday public calls, in one place.
+
+Everything else uses accelerate's public API (`Accelerator`, `prepare`, `backward`, `no_sync`,
+`save_state` / `load_state`, `sync_gradients`). The two functions here that reach into internals do
+so because no public way exists; each says why, so that an accelerate upgrade has one file to check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+
+def fresh_accelerator_state() -> None:
+    """Forget the precision and accumulation settings of an earlier Accelerator in this process.
+
+    accelerate keeps them in process-wide singletons and refuses a second Accelerator with other
+    values; a second run in one process (tests, notebooks) must start afresh. accelerate offers no
+    public reset (its own tests call these private ones). The distributed state (PartialState) is
+    kept: the process group outlives a run.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+@contextlib.contextmanager
+def micro_batch(accelerator, models, closes_step: bool) -> Iterator[None]:
+    """One micro-batch of gradient accumulation, closing the optimizer step when `closes_step`.
+
+    `Accelerator.accumulate` counts micro-batches itself and closes a step every
+    gradient_accumulation_steps of them, or at the end of a dataloader prepared by accelerate. Ours
+    is not prepared (the bucket sampler shards it), yet an epoch's last batch must close its step (as
+    sd-scripts' prepared loader does), so the caller decides, and this does what `accumulate` does
+    with that decision, through public API only: the prepared optimizer and scheduler step only when
+    `sync_gradients` is true, and `no_sync` keeps DDP from reducing gradients in between.
+    """
+    accelerator.sync_gradients = closes_step
+    with contextlib.ExitStack() as stack:
+        if not closes_step:
+            for model in models:
+                stack.enter_context(accelerator.no_sync(model))
+        yield
+
+
+def allow_fp16_gradients(accelerator) -> None:
+    """--full_fp16: let accelerate's gradient scaler unscale float16 gradients.
+
+    torch's GradScaler refuses float16 gradients because it assumes float32 master weights; with
+    --full_fp16 there are none by choice. Neither torch nor accelerate has a public switch for it, so
+    the scaler's private unscale method is wrapped (sd-scripts patches the scaler the same way).
+    """
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None:
+        return
+    unscale = scaler._unscale_grads_
+
+    def _unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16):
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = _unscale_grads_
