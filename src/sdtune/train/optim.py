@@ -29,9 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from sdtune.config import implied_value
 from sdtune.errors import UserError
-from sdtune.train.options import TrainingOptions
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +79,9 @@ OPTIMIZER_NAMES = ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedA
                    "DAdaptAdam", "DAdaptAdan", "DAdaptAdanIP", "DAdaptLion", "DAdaptSGD")
 
 
+DEFAULT_OPTIMIZER = "AdamW"  # --optimizer_type left out (the option declares it by this name)
+
+
 def resolve_optimizer_name(optimizer_type: str | None, use_8bit_adam: bool = False, use_lion_optimizer: bool = False) -> str:
     """--optimizer_type with sd-scripts' legacy switches folded in; None means AdamW."""
     legacy = [flag for flag, on in (("--use_8bit_adam", use_8bit_adam), ("--use_lion_optimizer", use_lion_optimizer)) if on]
@@ -93,7 +94,7 @@ def resolve_optimizer_name(optimizer_type: str | None, use_8bit_adam: bool = Fal
         return "AdamW8bit"
     if use_lion_optimizer:
         return "Lion"
-    return optimizer_type or implied_value(TrainingOptions, "optimizer_type")
+    return optimizer_type or DEFAULT_OPTIMIZER
 
 
 # ---------------------------------------------------------------- parameter groups

@@ -12,7 +12,10 @@ from pydantic import field_validator, model_validator
 
 from sdtune.config import Field, Options
 from sdtune.data.options import DatasetOptions
-from sdtune.train.schedules import LR_SCHEDULERS
+# The defaults that the optimizer and schedule builders apply are theirs, declared here by reference,
+# so that the builders need not import the options (which import their checks).
+from sdtune.train.optim import DEFAULT_OPTIMIZER
+from sdtune.train.schedules import DEFAULT_NUM_CYCLES, DEFAULT_POWER, LR_SCHEDULERS
 
 SAVE_EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "diffusers": "", "diffusers_safetensors": ""}
 
@@ -37,7 +40,7 @@ class TrainingOptions(Options):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", "mixed precision for the forward pass", group="Training")
     optimizer_type: str | None = Field(
         None, "optimizer: AdamW, AdamW8bit, Lion, Lion8bit, SGDNesterov, SGDNesterov8bit, Adafactor, Prodigy, "
-        "AdamWScheduleFree, ... or a class path such as torch.optim.RAdam", group="Training", implied="AdamW")
+        "AdamWScheduleFree, ... or a class path such as torch.optim.RAdam", group="Training", implied=DEFAULT_OPTIMIZER)
     optimizer_args: list[str] = Field([], "optimizer arguments as key=value", group="Training", metavar="K=V")
     use_8bit_adam: bool = Field(False, "same as --optimizer_type AdamW8bit (needs bitsandbytes)", group="Training")
     use_lion_optimizer: bool = Field(False, "same as --optimizer_type Lion (needs lion-pytorch)", group="Training")
@@ -48,8 +51,8 @@ class TrainingOptions(Options):
     lr_warmup_steps: float | str = Field(0.0, "warm-up: a step count, a fraction < 1 of the steps, or 'N%'", group="Training")
     lr_scheduler_num_cycles: int | None = Field(
         None, "cosine_with_restarts: number of cycles; cosine_with_min_lr, warmup_stable_decay: half-waves of the "
-        "cosine", group="Training", ge=1, implied=1)
-    lr_scheduler_power: float | None = Field(None, "polynomial: power of the decay", group="Training", gt=0, implied=1.0)
+        "cosine", group="Training", ge=1, implied=DEFAULT_NUM_CYCLES)
+    lr_scheduler_power: float | None = Field(None, "polynomial: power of the decay", group="Training", gt=0, implied=DEFAULT_POWER)
     lr_decay_steps: float | str | None = Field(
         None, "warmup_stable_decay: decay steps at the end, a step count, a fraction < 1 of the steps, or 'N%'",
         group="Training", implied=0)
@@ -203,7 +206,7 @@ class SamplingOptions(Options):
     @field_validator("sample_sampler")
     @classmethod
     def _sampler(cls, value: str) -> str:
-        from sdtune.train.sampling import normalize_sampler  # no torch
+        from sdtune.train.samplers import normalize_sampler  # no torch
 
         return normalize_sampler(value)
 

@@ -32,6 +32,9 @@ Note = Callable[[str], None]
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant", "adafactor")
 
+# what --lr_scheduler_num_cycles and --lr_scheduler_power left out mean (the options declare them by these names)
+DEFAULT_NUM_CYCLES = 1
+DEFAULT_POWER = 1.0
 _DIFFUSERS = "diffusers.optimization"
 _TRANSFORMERS = "transformers.optimization"
 FUNCTIONS = {
@@ -234,16 +237,13 @@ def build_lr_scheduler(name: str, optimizer: "torch.optim.Optimizer", *, warmup:
         kwargs["num_warmup_steps"] = warmup_steps * n
     if name in ("linear", "cosine", "cosine_with_restarts", "polynomial", "cosine_with_min_lr"):
         kwargs["num_training_steps"] = total_steps * n
-    from sdtune.config import implied_value
-    from sdtune.train.options import TrainingOptions  # not at import: the options import this module's names
-
-    cycles = int(implied_value(TrainingOptions, "lr_scheduler_num_cycles") if num_cycles is None else num_cycles)
+    cycles = int(DEFAULT_NUM_CYCLES if num_cycles is None else num_cycles)
     if name == "cosine_with_restarts":
         kwargs["num_cycles"] = cycles
     elif name in ("cosine_with_min_lr", "warmup_stable_decay"):
         kwargs["num_cycles"] = cycles / 2  # sd-scripts' meaning: half-waves, 1 = down once
     if name == "polynomial":
-        kwargs["power"] = float(implied_value(TrainingOptions, "lr_scheduler_power") if power is None else power)
+        kwargs["power"] = float(DEFAULT_POWER if power is None else power)
     if name == "inverse_sqrt":
         # transformers' default timescale (the warm-up, else 10000), taken in optimizer steps
         kwargs["timescale"] = (timescale or warmup_steps or 10_000) * n
