@@ -201,7 +201,7 @@ def test_an_unreachable_hub_is_one_line_in_seconds(tmp_path, run_in_session):
     assert code == 2 and seconds < 8, (seconds, proc.stderr[-2000:])  # the libraries' retries took 28-51 s
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: some-org/some-model: "), proc.stderr
-    assert "not in the local Hugging Face cache" in lines[0] and "cannot be reached" in lines[0]
+    assert "some-org/some-model: it is not in the local Hugging Face cache" in lines[0] and "cannot be reached" in lines[0]
     assert "HF_HUB_OFFLINE=1" in lines[0] and "Retrying" not in proc.stdout
 
 

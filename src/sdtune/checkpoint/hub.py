@@ -23,11 +23,13 @@ def cache_only(repo: str, where: str, what: str = "") -> bool:
     names the repository in it."""
     from huggingface_hub import constants, is_offline_mode
 
+    # the error line starts with `where`; name the repository again only when `where` does not
+    named = f"{what} {repo!r}" if what else ("it" if where == repo else repo)
     local_model = (f"Give the path of a local model (e.g. one fetched elsewhere with `hf download {repo} "
                    f"--local-dir models/{repo.split('/')[-1]}`)")
     if is_offline_mode():
         if not is_cached(repo):
-            raise UserError(f"{what + ' ' if what else ''}{repo!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+            raise UserError(f"{named} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                             "HF_HUB_OFFLINE is set", where=where,
                             fix=f"{local_model}, or unset HF_HUB_OFFLINE to download it.")
         return True
@@ -39,7 +41,7 @@ def cache_only(repo: str, where: str, what: str = "") -> bool:
 
         note(f"note: the Hugging Face hub cannot be reached ({reason}); {repo} is loaded from the local cache")
         return True
-    raise UserError(f"{what + ' ' if what else ''}{repo!r} is not in the local Hugging Face cache and the hub ({constants.ENDPOINT}) cannot "
+    raise UserError(f"{named} is not in the local Hugging Face cache and the hub ({constants.ENDPOINT}) cannot "
                     f"be reached ({reason})", where=where,
                     fix=f"{local_model}, or set HF_HUB_OFFLINE=1 to use only models already in the cache.")
 
