@@ -1,6 +1,6 @@
 """Chunked tokenisation and encoding (sdtune.text.tokens / encode) against computations written here.
 
-The reference re-implements sd-scripts' procedure as the spec describes it (tokenise to 75·n + 2
+The reference re-implements sd-scripts' procedure as its source reads (tokenise to 75·n + 2
 with padding, slice windows, patch SD2's chunk ends) and calls the tiny text encoder on each chunk
 by hand, so it shares no code with the implementation under test.
 """
@@ -33,7 +33,7 @@ def caption_of(n_tokens):
 
 
 def reference_chunks(tokenizer, pad, caption, n):
-    """sd-scripts' `_get_input_ids` as reference spec §6.2 describes it."""
+    """sd-scripts' `TokenizeStrategy._get_input_ids` (library/strategy_base.py), re-written here."""
     length = 75 * n + 2
     full = tokenizer(caption, padding="max_length", max_length=length, truncation=True).input_ids
     assert full[-1] in (EOS, pad) and len(full) == length
@@ -250,7 +250,8 @@ def test_no_torch_import_for_caption_options():
 
 def test_sd2_exclamation_mark_is_a_word_not_padding():
     # OpenCLIP (SD2's training tokenizer) encodes "!" as "!</w>" = 256 (OpenAI's reference ids for
-    # "Hello, world!", environment-facts §2a); the HF SD2 tokenizer's special pad "!" must not leak in.
+    # "Hello, world!", which other CLIP tokenizers' test suites also use); the HF SD2 tokenizer's
+    # special pad "!" must not leak in.
     import pickle
 
     from sdtune.testing import build_tiny_model

@@ -1,4 +1,4 @@
-"""It learns (issue #6, item 6): ~150 steps on 4 images lower the loss measured at fixed timesteps
+"""It learns: ~150 steps on 4 images lower the loss measured at fixed timesteps
 and fixed noise by at least 30 %, for an epsilon (SD1) and a v-prediction (SD2-v) model.
 
 The loss is computed here, independently of sdtune: images resized and centre-cropped with PIL,

@@ -3,7 +3,7 @@
 Kept in one module so it can later be merged with the dataset module's own helpers
 (src/sdtune/data/). Nothing here imports torch.
 
-Metadata formats (sd-scripts, reference spec §1.6):
+Metadata formats (those sd-scripts' fine-tuning dataset reads):
   * JSON  (`*.json`):  {key: {"caption"?, "tags"?, "image_size"?: [w, h], ...}, ...}
   * JSONL (`*.jsonl`): one {"image_path": key, "caption"?, "tags"?, "image_size"?} per line.
 Both are read into the same {key: record} dict (insertion order kept) and written back in the
