@@ -21,13 +21,14 @@ FORBIDDEN = {
     "a bare tracker number (write a public one as owner/repo#N)": (r"(?<![&\w/\-])(?<!sd-scripts)#\d{2,}\b",
                                                                    "its bug fix (#16)"),
     "the reference spec": (r"reference\s+spec|fine-tune-spec", "as the reference spec says"),
-    "notes kept outside the repository": (r"environment-facts|DESIGN\.md|/work/shared|shared/reference",
+    "notes kept outside the repository": (r"environment-facts|DESIGN\.md|/work/shared|shared/reference|peer-bench",
                                           "see environment-facts " + SECTION + "2a"),
 }
 
 
 def _files():
     yield ROOT / "README.md"
+    yield ROOT / "Makefile"
     for folder, pattern in (("src", "*.py"), ("docs", "*.md"), ("tests", "*.py"), ("bench", "*.py"),
                             ("scripts", "*.py")):
         for path in sorted((ROOT / folder).rglob(pattern)):
