@@ -99,6 +99,7 @@ def chunkers():
     return {family: _chunker(family) for family in ("sd1", "sd2")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_unicode_captions_match_sd_scripts_tokenizer(chunkers, family):
     captions = list(RECORDED_T4)
@@ -106,6 +107,7 @@ def test_unicode_captions_match_sd_scripts_tokenizer(chunkers, family):
     assert dict(zip(captions, ids)) == RECORDED_T4
 
 
+@pytest.mark.slow
 def test_cleaning_by_hand(chunkers):
     # Single-token words read straight from vocab.json: cleaning must map each variant onto them.
     vocab = json.loads((FAMILIES["sd1"].asset_dir / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))

@@ -20,6 +20,8 @@ from sdtune.cli import main
 from sdtune.families import get_family
 from sdtune.testing import make_dataset, write_tiny_model
 
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
+
 TIMESTEPS = [50, 200, 400, 600, 800]
 
 

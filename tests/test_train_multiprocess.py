@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 from sdtune.testing import make_dataset, write_tiny_model
 
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 
 

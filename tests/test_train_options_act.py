@@ -26,6 +26,8 @@ from sdtune.errors import UserError
 from sdtune.testing import write_tiny_model, write_training_workspace
 from sdtune.train.options import TrainOptions
 
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 UNET = "model.diffusion_model."
 TE = "cond_stage_model.transformer."
