@@ -55,8 +55,8 @@ test-latest:
 	$(LATEST)/bin/python -m pip list --format=freeze 2>/dev/null | grep -i -E '^(accelerate|diffusers|transformers|tokenizers|safetensors|huggingface.hub|pydantic|bitsandbytes)=='
 	$(LATEST)/bin/python -m pytest -n 2 -q $(PYTEST_ARGS)
 
-# The checks that run sd-scripts itself beside sdtune (its own venv and source tree, e.g. set up by the
-# peer bench): make test-sdscripts SDSCRIPTS_PYTHON=/path/venv-kohya/bin/python SDSCRIPTS_DIR=/path/sd-scripts
+# The checks that run sd-scripts itself beside sdtune (its own venv and source tree: a checkout of
+# sd-scripts and a venv with its requirements): make test-sdscripts SDSCRIPTS_PYTHON=/path/venv-kohya/bin/python SDSCRIPTS_DIR=/path/sd-scripts
 test-sdscripts: $(STAMP)
 	@test -n "$(SDSCRIPTS_PYTHON)" -a -n "$(SDSCRIPTS_DIR)" || { echo "set SDSCRIPTS_PYTHON and SDSCRIPTS_DIR"; exit 2; }
 	SDTUNE_SDSCRIPTS_PYTHON=$(SDSCRIPTS_PYTHON) SDTUNE_SDSCRIPTS_DIR=$(SDSCRIPTS_DIR) $(BIN)/python -m pytest -q -m sdscripts $(PYTEST_ARGS)

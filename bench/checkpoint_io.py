@@ -3,7 +3,7 @@
     .venv/bin/python bench/checkpoint_io.py [--dir /tmp/sdtune-bench] [--precision fp16|float]
 
 Each step runs in a fresh process so its peak RSS (ru_maxrss) is its own; prints one JSON line per
-step. Goal (issue #3): peak RSS <= 1.5x the file size.
+step. Goal: peak RSS <= 1.5x the file size (a 2 GB checkpoint must load on a machine with little RAM).
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ from sdtune.data.toml_config import dataset_specs
 from sdtune.train.noise import DiffusionObjective
 from sdtune.testing import build_tiny_model
 
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
+
 
 def _rgba(path, alpha: np.ndarray, colour=(200, 30, 30)):
     h, w = alpha.shape

@@ -79,6 +79,7 @@ def kind_of_change(plain: np.ndarray, got: np.ndarray) -> str:
     return "other"
 
 
+@pytest.mark.slow
 def test_color_aug_changes_colours_reproducibly_by_seed(folder):
     plain = plan_of(folder)
     augmented = plan_of(folder, color_aug=True)

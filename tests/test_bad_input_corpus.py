@@ -29,7 +29,7 @@ from PIL import Image
 from sdtune.cli import main
 from sdtune.testing import make_dataset, write_tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 _ERROR = re.compile(r"^(sdtune( \w+)?: )?error: ")  # ours, or argparse's
 

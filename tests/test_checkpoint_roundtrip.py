@@ -52,6 +52,7 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_original_to_diffusers_to_original_is_bit_exact(tiny, tmp_path, fam, suffix):
@@ -80,6 +81,7 @@ def _config_dir(model, root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fam", ["sd1", "sd2-v"])
 def test_diffusers_from_single_file_reads_our_file_bit_identically(tiny, tmp_path, fam):
     from diffusers import StableDiffusionPipeline
@@ -96,6 +98,7 @@ def test_diffusers_from_single_file_reads_our_file_bit_identically(tiny, tmp_pat
             assert torch.equal(ours[k], theirs[k]), (comp, k)
 
 
+@pytest.mark.slow
 def test_sd2_without_source_gets_a_complete_openclip_tower(tiny, tmp_path):
     model = tiny["sd2"]
     n = model.text_encoder.config.num_hidden_layers
@@ -113,6 +116,7 @@ def test_sd2_without_source_gets_a_complete_openclip_tower(tiny, tmp_path):
     assert again.text_encoder.config.num_hidden_layers == n and f"{last}ln_1.weight" in again.passthrough
 
 
+@pytest.mark.slow
 def test_old_sd1_files_without_text_model_prefix_load(tiny, tmp_path):
     model = tiny["sd1"]
     sd = load_file(ck.save_model(model, tmp_path / "m.safetensors", fmt="safetensors", progress=False))
@@ -124,6 +128,7 @@ def test_old_sd1_files_without_text_model_prefix_load(tiny, tmp_path):
     assert not loaded.passthrough
 
 
+@pytest.mark.slow
 def test_use_ema_weights_takes_the_ema_unet_and_outputs_drop_ema(tiny, tmp_path):
     expected = _original_source(tiny["sd1"], tmp_path, ".safetensors")
     sd = load_file(tmp_path / "src.safetensors")
@@ -140,6 +145,7 @@ def test_use_ema_weights_takes_the_ema_unet_and_outputs_drop_ema(tiny, tmp_path)
         ck.load_model(tmp_path / "src.safetensors", use_ema_weights=True, verbose=False)  # only 50 EMA tensors
 
 
+@pytest.mark.slow
 def test_ckpt_and_diffusers_folder_keep_configs_so_tiny_models_compute_the_same(tiny, tmp_path):
     model = tiny["sd2"]
     ids = model.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids

@@ -37,6 +37,7 @@ def _detect(sd, metadata, **flags):
     return found.family, found.reason
 
 
+@pytest.mark.slow
 def test_detection_of_each_family_and_each_override(files, tmp_path):
     assert ck.load_model(files["sd1"], verbose=False).family.name == "sd1"
     assert ck.load_model(files["sd2"], verbose=False).family.name == "sd2"
@@ -70,6 +71,7 @@ def test_diffusers_detection_reads_activation_and_scheduler():
     assert detect_diffusers({}, {"hidden_act": "gelu"}, {}, v2=True).family.name == "sd2"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16), ("float", torch.float32)])
 def test_save_precision_casts_every_float_tensor_in_every_format(files, tmp_path, precision, dtype):
     model = ck.load_model(files["sd2-v"], verbose=False)
@@ -106,6 +108,7 @@ def test_ckpt_whose_pickle_would_run_code_runs_nothing(tmp_path):
     assert not _Evil.marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["t.safetensors", "t.ckpt"])
 def test_truncated_and_corrupt_files_give_a_clear_error_naming_them(files, tmp_path, name):
     good = files["sd1"] if name.endswith(".safetensors") else ck.save_model(
@@ -130,6 +133,7 @@ def test_incomplete_and_non_sd_files_are_refused(files, tmp_path):
         ck.load_model(tmp_path / "foo.safetensors", verbose=False)
 
 
+@pytest.mark.slow
 def test_saving_never_overwrites_the_input_and_is_atomic(files, tmp_path):
     model = ck.load_model(files["sd1"], verbose=False)
     before = Path(files["sd1"]).read_bytes()
@@ -153,6 +157,7 @@ def test_hub_id_offline_says_what_to_download(monkeypatch):
         ck.load_model("someone/not-cached", verbose=False)
 
 
+@pytest.mark.slow
 def test_convert_command_between_formats(files, tmp_path, capsys):
     from sdtune.cli import main
 

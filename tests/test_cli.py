@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 
 from sdtune.cli import main
 
@@ -16,6 +17,7 @@ def run_cli(capsys, *argv):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_help_imports_no_torch():
     """Every command's --help prints (all its flags) without importing the heavy libraries."""
     code = ("import contextlib, io, sys\n"
@@ -101,6 +103,7 @@ def test_config_file_values_and_command_line_precedence(tmp_path):
     assert (opts.learning_rate, opts.max_train_steps, opts.output_dir) == (3e-5, 9, "o")
 
 
+@pytest.mark.slow
 def test_debug_shows_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sdtune", "train", "--debug", "--pretrained_model_name_or_path", "m",
                              "--output_dir", "o", "--in_json", str(tmp_path / "missing.json")],

@@ -24,6 +24,7 @@ def test_flags_and_attached_values_are_left_alone():
     ("--max_train_steps", "-3", "greater than or equal to 1"),
     ("--noise_offset", "-0.05", "greater than or equal to 0"),
 ])
+@pytest.mark.slow
 def test_negative_value_gets_the_range_message(tmp_path, flag, value, expected):
     code = ("import sys; from sdtune.cli import main; "
             f"sys.exit(main(['train', '--pretrained_model_name_or_path', 'm.safetensors', '--dry_run', {flag!r}, {value!r}]))")

@@ -120,6 +120,7 @@ def test_reset_restores_the_defaults(capsys):
     assert out.splitlines() == ["an information line", "note: a note"]
 
 
+@pytest.mark.slow
 def test_training_run_writes_its_log_file(tmp_path, capsys):
     """The real command: --console_log_file gets the run's lines; a late error ends it, in the file too."""
     from sdtune.cli import main

@@ -34,7 +34,8 @@ def test_bucket_lists_default_limits(res):
 
 
 def test_512_list_matches_the_reference_table():
-    # The 17 buckets listed in the reference spec §4.1 (computed there, independently).
+    # The 17 buckets sd-scripts' `make_bucket_resolutions(512x512, 256, 1024, 64)` lists (computed by
+    # hand from its rules, independently of make_buckets).
     spec = [(256, 832), (256, 896), (256, 960), (256, 1024), (320, 704), (320, 768), (384, 640), (448, 576),
             (512, 512), (576, 448), (640, 384), (704, 320), (768, 320), (832, 256), (896, 256), (960, 256),
             (1024, 256)]

@@ -59,6 +59,7 @@ def _run(vae, opts, **kw):
     return cache, c.images
 
 
+@pytest.mark.slow
 def test_invalidation_matrix(data, vae):
     opts = _opts(data)
     cache, n = _run(vae, opts)

@@ -13,6 +13,8 @@ from torch.nn.modules.module import register_module_forward_hook
 from sdtune.cli import main
 from sdtune.testing import make_dataset, write_tiny_model
 
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):

@@ -91,6 +91,7 @@ def test_fill_check(folder):
     assert plan.steps_per_epoch(1, 2) == -(-(2 + 1 + 1) // 2)
 
 
+@pytest.mark.slow
 def test_loader_with_spawned_workers(folder):
     plan = _plan(folder, flip_aug=True)
     sampler = BucketBatchSampler(plan, seed=3)

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
 from safetensors import safe_open
 
 from sdtune.cli import main
+
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
 
 
 def test_demo_runs_the_whole_workflow(tmp_path, capsys):

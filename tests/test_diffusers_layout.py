@@ -14,7 +14,7 @@ from sdtune import checkpoint as ck
 from sdtune.cli import main
 from sdtune.testing import build_tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # see conftest
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"}
 

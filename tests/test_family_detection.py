@@ -48,6 +48,7 @@ def _data(ws: Path, out: Path) -> list[str]:
 
 @pytest.mark.parametrize("name,family,bucket", [("pt", "sd2-v", "768x768"), ("arch", "sd2-v", "768x768"),
                                                 ("bare", "sd2", "512x512"), ("sd1", "sd1", "512x512")])
+@pytest.mark.slow
 def test_the_dry_run_plans_the_family_that_loading_detects(ws, tmp_path, capsys, name, family, bucket):
     # SD 2.x 768-v trains at 768 px by default, the others at 512 (no --resolution, no bucketing:
     # every image goes to the one square bucket)
@@ -59,6 +60,7 @@ def test_the_dry_run_plans_the_family_that_loading_detects(ws, tmp_path, capsys,
     assert re.search(rf"^\s+{bucket.replace('x', r'x')}\s+2\s", printed, re.M), printed
 
 
+@pytest.mark.slow
 def test_header_detection_imports_no_torch(ws):
     import subprocess
     import sys
@@ -77,6 +79,7 @@ class _Callback:
         return (print, ("pickled code ran",))
 
 
+@pytest.mark.slow
 def test_a_diffusers_folder_and_a_ckpt_read_the_same_without_loading(ws, tmp_path, capfd):
     assert peek_family(str(ws / "sd1-diffusers"))[0] == ck.load_model(ws / "sd1-diffusers", verbose=False).family
     assert peek_family(str(ws / "sd2-v.ckpt"))[0].name == "sd2-v" == ck.load_model(ws / "sd2-v.ckpt", verbose=False).family.name
@@ -90,6 +93,7 @@ def test_a_diffusers_folder_and_a_ckpt_read_the_same_without_loading(ws, tmp_pat
 
 @pytest.mark.parametrize("name,expected", [("pt.safetensors", (768, 768)), ("sd2-v.ckpt", (768, 768)),
                                            ("sd1-diffusers", (512, 512))])
+@pytest.mark.slow
 def test_training_builds_the_plan_once_at_the_detected_family_resolution(ws, tmp_path, monkeypatch, name, expected):
     import sdtune.data
     from sdtune.train.loop import _model_and_plan
@@ -124,6 +128,7 @@ def test_v2_on_an_sd1_file_says_it_is_an_sd1_file(ws, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "Stable Diffusion 1.x model" in err and "Drop --v2" in err
 
 
+@pytest.mark.slow
 def test_v_parameterization_on_a_file_marked_epsilon_warns_once(ws, capsys):
     # sdtune's SD1 files say ModelSpec prediction_type "epsilon"; the Diffusers folder's scheduler too
     for path in (ws / "sd1.safetensors", ws / "sd1-diffusers"):
@@ -135,6 +140,7 @@ def test_v_parameterization_on_a_file_marked_epsilon_warns_once(ws, capsys):
     assert "warning:" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sd2_clip_skip_maps_onto_sd_scripts_counting(ws, tmp_path, capsys):
     """The note's sd-scripts number, used the way sd-scripts uses it (hidden_states[-N] of the loaded
     encoder, then the final layer norm), gives exactly sdtune's conditioning."""
@@ -184,6 +190,7 @@ def _full_size_sd2_view(**extra_shapes):
     return shapes
 
 
+@pytest.mark.slow
 def test_the_probe_is_for_full_size_sd2_u_nets_without_a_marker(ws):
     wide = [(-1) ** i * 0.12 for i in range(320)]  # std 0.12: ComfyUI's statistic says v
     view = CheckpointView(_full_size_sd2_view(), {}, lambda name: wide)
@@ -200,6 +207,7 @@ def test_the_probe_is_for_full_size_sd2_u_nets_without_a_marker(ws):
     assert "probe" not in ck.load_model(ws / "bare.safetensors", verbose=False).detection
 
 
+@pytest.mark.slow
 def test_the_probe_runs_the_files_u_net_on_the_constant_inputs(ws):
     from sdtune.checkpoint.load import _probe, _single_file_configs
     from sdtune.checkpoint.io import read_state_dict

@@ -7,6 +7,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
+
 CODE = textwrap.dedent("""
     import os, stat, sys, json
     from pathlib import Path

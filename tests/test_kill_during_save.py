@@ -27,7 +27,8 @@ from sdtune.checkpoint.io import read_state_dict
 from sdtune.train import state as train_state
 
 # one torch thread: an OpenMP pool does not survive a fork
-pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"), pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"), pytest.mark.usefixtures("one_thread")]
 
 KILLS = 20
 MOMENTS = 16  # parameters with optimizer moments

@@ -20,6 +20,8 @@ import pytest
 
 from sdtune.testing import make_dataset, write_tiny_model
 
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).resolve().parent / "probe"
 SCALE = ["--max_resolution", "128,128", "--min_bucket_reso", "64"]  # the documents: --max_resolution 512,512

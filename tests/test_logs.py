@@ -128,6 +128,7 @@ def test_progress_bar_shows_running_mean_and_lr():
     assert "4/10" in text and "loss=5.0000" in text and "lr=1.00e-04" in text and "it/s" in text
 
 
+@pytest.mark.slow
 def test_loss_plot_is_a_valid_png(tmp_path):
     steps = list(range(1, 201))
     losses = [1.0 / s + 0.05 * ((s * 7919) % 13) / 13 for s in steps]

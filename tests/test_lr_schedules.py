@@ -228,6 +228,7 @@ def logged(logging_dir: Path, tag: str) -> list[float]:
     return [e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.step)]
 
 
+@pytest.mark.slow
 def test_schedules_act_in_training(ws, tmp_path):
     # the rate logged after optimizer step k is the schedule's value at k
     # (TensorBoard stores float32)

@@ -52,6 +52,7 @@ def test_full_path_keys_from_an_absolute_folder(tmp_path, monkeypatch, image_dir
     assert [r.path for r in load_records(tmp_path / "meta.json", folder if image_dir else None)] == files
 
 
+@pytest.mark.slow
 def test_tag_output_path_keys_from_a_relative_folder(tmp_path, monkeypatch):
     from sdtune.testing import write_colour_tagger
 

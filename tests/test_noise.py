@@ -44,6 +44,7 @@ def workspace(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_the_8bit_library_loads_for_an_8bit_optimizer_only(workspace, tmp_path, run_in_session):
     """Loading a model (convert) leaves bitsandbytes alone; training with AdamW8bit imports it from
     the optimizer, and nothing of it reaches the terminal. The model and save lines are on stdout."""
@@ -122,6 +123,7 @@ BUILD = """
 """
 
 
+@pytest.mark.slow
 def test_8bit_import_chatter_is_kept_off_the_terminal(tmp_path, run_in_session):
     fake = _stand_in(tmp_path, "import torch\nclass AdamW8bit(torch.optim.AdamW):\n    pass\n")
     proc = _python(run_in_session, BUILD, path=[str(fake)], timeout=120)
@@ -129,6 +131,7 @@ def test_8bit_import_chatter_is_kept_off_the_terminal(tmp_path, run_in_session):
     assert proc.stderr == ""
 
 
+@pytest.mark.slow
 def test_a_failing_8bit_import_is_one_clear_line(tmp_path, run_in_session):
     fake = _stand_in(tmp_path, "raise RuntimeError('libbitsandbytes_cpu.so: cannot open shared object file')\n")
     proc = _python(run_in_session, BUILD, path=[str(fake)], timeout=120)
@@ -193,6 +196,7 @@ def _timed(proc) -> list[tuple[int, float]]:
     return [(int(code), float(seconds)) for code, seconds in lines]
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_is_one_line_in_seconds(tmp_path, run_in_session):
     env = {"HF_HUB_OFFLINE": None, "HF_ENDPOINT": _closed_port(), "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
     proc = _python(run_in_session, TIMED.format(argvs=[["convert", "some-org/some-model", str(tmp_path / "o")]]),
@@ -205,6 +209,7 @@ def test_an_unreachable_hub_is_one_line_in_seconds(tmp_path, run_in_session):
     assert "HF_HUB_OFFLINE=1" in lines[0] and "Retrying" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_hub_that_is_down_is_asked_once(tmp_path, run_in_session):
     """The model and the tagger of one process: one request in all, one line each."""
     make_dataset(tmp_path / "images", n=1, seed=0)
@@ -232,6 +237,7 @@ def _cache_entry(cache: Path, repo: str, model: Path) -> None:
     shutil.copytree(model, entry / "snapshots" / commit)
 
 
+@pytest.mark.slow
 def test_a_cached_hub_id_loads_without_the_hub(tmp_path, run_in_session):
     write_tiny_model(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
     _cache_entry(tmp_path / "cache", "tiny-org/tiny-sd", tmp_path / "model")

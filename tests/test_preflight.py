@@ -55,6 +55,7 @@ BELOW_A_FILE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BELOW_A_FILE))
 def test_an_uncreatable_output_folder_stops_the_run_at_once(ws, tmp_path, capsys, case):
     make_args, where, option = BELOW_A_FILE[case]

@@ -36,6 +36,7 @@ def _images(folder: Path, n: int = 3) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_beam_search_options_reach_generate(tmp_path, blip_dir, captioner):
     import torch
     from transformers import AutoTokenizer, BlipForConditionalGeneration

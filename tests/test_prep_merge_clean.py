@@ -119,6 +119,7 @@ def test_sd_scripts_merge_command_lines(folder, tmp_path, capsys):
     assert ".json or .jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_entry_scripts_and_help_without_torch(folder, tmp_path):
     out = tmp_path / "meta.json"
     proc = subprocess.run([sys.executable, str(REPO / "finetune" / "merge_dd_tags_to_metadata.py"), str(folder),
@@ -135,6 +136,7 @@ def test_entry_scripts_and_help_without_torch(folder, tmp_path):
     assert proc.stdout.strip() == "[]", proc.stderr
 
 
+@pytest.mark.slow
 def test_tag_command_with_sd_scripts_flags(tmp_path, capsys):
     from test_prep_tagger import make_wd14, solid
 

@@ -14,6 +14,8 @@ from sdtune.data.prepared import apply_prepared
 from sdtune.testing import make_dataset, write_tiny_model
 from sdtune.train.options import TrainOptions
 
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:

@@ -15,6 +15,8 @@ from _unwritable import read_only
 from sdtune.cli import main
 from sdtune.testing import make_dataset, write_tiny_model
 
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):

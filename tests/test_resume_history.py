@@ -16,7 +16,7 @@ from sdtune.testing import write_training_workspace
 from sdtune.train import history as run_history
 from sdtune.train.logs import write_summary
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # see conftest
 
 
 @pytest.fixture(scope="module")

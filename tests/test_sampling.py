@@ -112,6 +112,7 @@ def test_json_prompts_dicts_and_strings(tmp_path):
     ('[\n"a",\n]', "not valid JSON", ":3"),
     ('[]', "holds no prompts", ""),
 ])
+@pytest.mark.slow
 def test_json_errors(tmp_path, text, message, where):
     f = tmp_path / "p.json"
     f.write_text(text)
@@ -143,6 +144,7 @@ def test_sampler_names_cover_sd_scripts_list_and_refuse_unknown():
     assert "euler_a" in str(err.value) and "--sample_sampler" in str(err.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2-v"])
 def test_every_sampler_builds_with_the_models_schedule(family):
     from sdtune.families import get_family
@@ -236,6 +238,7 @@ def pixels(path):
         return np.asarray(im.convert("RGB")).astype(np.int16)
 
 
+@pytest.mark.slow
 def test_unet_sees_the_training_conditioning(sd1, tmp_path):
     # clip skip 2 and 150 tokens: a path where a second encoding function would easily differ.
     cond = conditioner_for(sd1, clip_skip=2, max_token_length=150)
@@ -260,6 +263,7 @@ def test_unet_sees_the_training_conditioning(sd1, tmp_path):
     torch.testing.assert_close(expected[""], cond.empty_embedding(1).detach(), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_same_seed_same_image_other_seed_other_image(sd1, tmp_path):
     cond = conditioner_for(sd1)
     prompts = [SamplePrompt(0, "a red circle", width=64, height=64, steps=2),
@@ -286,6 +290,7 @@ def test_same_seed_same_image_other_seed_other_image(sd1, tmp_path):
         assert grid.width == 128 and grid.height > 64
 
 
+@pytest.mark.slow
 def test_modes_devices_and_grads_are_restored(sd1, tmp_path):
     cond = conditioner_for(sd1)
     sd1.unet.train()
@@ -330,6 +335,7 @@ def _ddim_by_hand(model, cond, uncond, seed, steps, scale, width, height):
     return ((image / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.int16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2-v"])
 def test_ddim_matches_a_hand_written_ddim(family, sd1, sd2v, tmp_path):
     model = sd1 if family == "sd1" else sd2v
@@ -344,6 +350,7 @@ def test_ddim_matches_a_hand_written_ddim(family, sd1, sd2v, tmp_path):
     assert np.abs(got - expected).max() <= 1  # float order of operations may flip a rounding
 
 
+@pytest.mark.slow
 def test_odd_sizes_are_rounded_down_to_multiples_of_8(sd1, tmp_path):
     cond = conditioner_for(sd1)
     (path,) = run(sd1, cond, [SamplePrompt(0, "x", width=70, height=67, steps=1, scale=1.0)], tmp_path)

@@ -74,6 +74,7 @@ def _sample_values(action: argparse.Action) -> list[str]:
 
 @pytest.mark.parametrize("flag, arity, dest", [row for row in FLAGS if row[0] not in ("-h", "--help")],
                          ids=[row[0] for row in FLAGS if row[0] not in ("-h", "--help")])
+@pytest.mark.slow
 def test_flag_is_implemented_or_refused_with_its_reason(flag, arity, dest):
     parser = train_parser()
     action = parser._option_string_actions.get(flag)
@@ -133,6 +134,7 @@ def test_list_matches_a_fresh_generation():
     assert fresh == FLAGS
 
 
+@pytest.mark.slow
 def test_fine_tune_py_accepts_the_logging_flags(tmp_path):
     """sd-scripts' entry point itself: once "unrecognized arguments", now parsed and validated."""
     proc = subprocess.run([sys.executable, str(REPO / "fine_tune.py"), "--pretrained_model_name_or_path",

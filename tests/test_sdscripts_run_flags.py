@@ -18,6 +18,8 @@ from sdtune.errors import UserError
 from sdtune.train.command import options_from_args
 from sdtune.train.options import TrainOptions
 
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from sdtune.config import public_options, secret_names
 from sdtune.testing import make_dataset, write_tiny_model
 from sdtune.train import logs, state
 from sdtune.train.options import TrainOptions
+
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
 
 SECRET = "SECRETVALUE"
 

@@ -16,7 +16,7 @@ import pytest
 from sdtune.cli import main
 from sdtune.testing import make_dataset, write_tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

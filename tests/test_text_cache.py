@@ -29,6 +29,7 @@ def files(directory):
     return sorted(p for p in directory.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_entries_are_the_encoder_output_and_are_reused_by_a_new_run(sd1, tmp_path):
     cache = TextEmbeddingCache(tmp_path, conditioner(sd1))
     got = cache.get(CAPTIONS)
@@ -54,6 +55,7 @@ def test_entries_are_the_encoder_output_and_are_reused_by_a_new_run(sd1, tmp_pat
     assert [p.stat().st_mtime_ns for p in files(tmp_path)] == mtimes
 
 
+@pytest.mark.slow
 def test_any_key_part_change_makes_a_new_entry(sd1, tmp_path):
     base = TextEmbeddingCache(tmp_path, conditioner(sd1))
     base_emb = base.get(["a photo of a cat"])
@@ -84,6 +86,7 @@ def test_any_key_part_change_makes_a_new_entry(sd1, tmp_path):
     assert TextEmbeddingCache(tmp_path, conditioner(sd1)).get(["a photo of a cat"]) is not None
 
 
+@pytest.mark.slow
 def test_family_layout_is_part_of_the_key(sd1, tmp_path):
     from sdtune.testing import build_tiny_model
 
@@ -95,6 +98,7 @@ def test_family_layout_is_part_of_the_key(sd1, tmp_path):
     assert a.path("x") != b.path("x")
 
 
+@pytest.mark.slow
 def test_damaged_entry_is_re_encoded(sd1, tmp_path, caplog):
     cache = TextEmbeddingCache(tmp_path, conditioner(sd1))
     good = cache.get(["a cat"])
@@ -118,6 +122,7 @@ def test_precompute_then_truncation_is_still_reported(sd1, tmp_path):
     assert cache.stats.hits == 2
 
 
+@pytest.mark.slow
 def test_refuses_a_trainable_encoder(sd1, tmp_path):
     te = copy.deepcopy(sd1.text_encoder).requires_grad_(True)
     with pytest.raises(ValueError, match="frozen"):

@@ -113,6 +113,7 @@ def test_shuffle_is_deterministic_differs_by_epoch_and_leaves_global_rng_alone()
     assert run(TAGS, o, seed=8) != run(TAGS, o, seed=7)
 
 
+@pytest.mark.slow
 def test_same_augmentation_in_another_process():
     """Another interpreter (another run, another rank) with another hash seed draws the same."""
     code = ("from sdtune.text import CaptionOptions, process_caption as p;"

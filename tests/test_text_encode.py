@@ -1,6 +1,6 @@
 """Chunked tokenisation and encoding (sdtune.text.tokens / encode) against computations written here.
 
-The reference re-implements sd-scripts' procedure as the spec describes it (tokenise to 75·n + 2
+The reference re-implements sd-scripts' procedure as its source reads (tokenise to 75·n + 2
 with padding, slice windows, patch SD2's chunk ends) and calls the tiny text encoder on each chunk
 by hand, so it shares no code with the implementation under test.
 """
@@ -33,7 +33,7 @@ def caption_of(n_tokens):
 
 
 def reference_chunks(tokenizer, pad, caption, n):
-    """sd-scripts' `_get_input_ids` as reference spec §6.2 describes it."""
+    """sd-scripts' `TokenizeStrategy._get_input_ids` (library/strategy_base.py), re-written here."""
     length = 75 * n + 2
     full = tokenizer(caption, padding="max_length", max_length=length, truncation=True).input_ids
     assert full[-1] in (EOS, pad) and len(full) == length
@@ -73,6 +73,7 @@ def pad_of(model):
     return 0 if model.family.v2 else EOS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_len", [75, 150, 225])
 def test_chunks_and_embeddings_match_reference(model, max_len):
     n = max_len // 75
@@ -99,6 +100,7 @@ def test_chunks_and_embeddings_match_reference(model, max_len):
     assert (str(len(cut)) in str(report)) and ("300" in str(report))
 
 
+@pytest.mark.slow
 def test_padding_layouts_written_out(model):
     cond = TextConditioner(model.tokenizer, model.text_encoder, model.family, max_token_length=150)
     ids = cond.tokenize(["a photo of a cat", caption_of(80)]).ids
@@ -113,6 +115,7 @@ def test_padding_layouts_written_out(model):
         assert ids[1, 0, -1].item() == EOS and ids[1, 1, 6:].tolist() == [EOS] * 71
 
 
+@pytest.mark.slow
 def test_clip_skip_is_hidden_state_plus_final_layer_norm(model):
     tok, te, fam = model.tokenizer, model.text_encoder, model.family
     layers = te.config.num_hidden_layers
@@ -148,6 +151,7 @@ def test_clip_skip_is_hidden_state_plus_final_layer_norm(model):
     torch.testing.assert_close(results[k][1], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_clip_skip_errors(model):
     tok, te, fam = model.tokenizer, model.text_encoder, model.family
     layers = te.config.num_hidden_layers
@@ -185,6 +189,7 @@ def test_training_and_sampling_paths_agree(model):
     torch.testing.assert_close(train, sampler_batch, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_weighted_captions_against_reference(model):
     tok, te, fam = model.tokenizer, model.text_encoder, model.family
     cond = TextConditioner(tok, te, fam, max_token_length=150, weighted=True)
@@ -214,6 +219,7 @@ def test_weighted_captions_against_reference(model):
     assert plain.tokenize([prompt]).ids[0].tolist() != batch.ids[0].tolist()
 
 
+@pytest.mark.slow
 def test_caption_dropout_conditions_on_the_empty_prompt(model):
     tok, te, fam = model.tokenizer, model.text_encoder, model.family
     dropped = process_caption("1girl, solo", CaptionOptions(caption_dropout_rate=1.0), seed=0, epoch=1, index=0)
@@ -229,6 +235,7 @@ def test_caption_dropout_conditions_on_the_empty_prompt(model):
         assert got.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_gradients_reach_a_trained_encoder(tiny_sd1):
     te = tiny_sd1.text_encoder
     cond = TextConditioner(tiny_sd1.tokenizer, te, tiny_sd1.family, max_token_length=150, clip_skip=2)
@@ -248,9 +255,11 @@ def test_no_torch_import_for_caption_options():
     assert out.strip() == "False"
 
 
+@pytest.mark.slow
 def test_sd2_exclamation_mark_is_a_word_not_padding():
     # OpenCLIP (SD2's training tokenizer) encodes "!" as "!</w>" = 256 (OpenAI's reference ids for
-    # "Hello, world!", environment-facts §2a); the HF SD2 tokenizer's special pad "!" must not leak in.
+    # "Hello, world!", which other CLIP tokenizers' test suites also use); the HF SD2 tokenizer's
+    # special pad "!" must not leak in.
     import pickle
 
     from sdtune.testing import build_tiny_model
@@ -263,6 +272,7 @@ def test_sd2_exclamation_mark_is_a_word_not_padding():
     assert pickle.loads(pickle.dumps(chunker))(["Hello, world!"]).ids[0, 0, :8].tolist() == ids
 
 
+@pytest.mark.slow
 def test_break_starts_a_new_window_in_weighted_prompts(model):
     """A1111's BREAK, written out: the windows are built here from the tokenizer's ids of each part."""
     tok, fam = model.tokenizer, model.family

@@ -35,6 +35,7 @@ def test_tiny_model_has_the_real_layout(family):
     assert model.family.prediction_type == FAMILIES[family].prediction_type
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_other_seed_other_weights():
     a, b, c = (_state(build_tiny_model("sd1", seed=s)) for s in (0, 0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)

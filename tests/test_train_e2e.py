@@ -10,6 +10,8 @@ import torch
 from sdtune.cli import main
 from sdtune.testing import write_training_workspace
 
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 
 

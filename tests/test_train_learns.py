@@ -1,4 +1,4 @@
-"""It learns (issue #6, item 6): ~150 steps on 4 images lower the loss measured at fixed timesteps
+"""It learns: ~150 steps on 4 images lower the loss measured at fixed timesteps
 and fixed noise by at least 30 %, for an epsilon (SD1) and a v-prediction (SD2-v) model.
 
 The loss is computed here, independently of sdtune: images resized and centre-cropped with PIL,
@@ -19,6 +19,8 @@ import torch
 from sdtune.cli import main
 from sdtune.families import get_family
 from sdtune.testing import make_dataset, write_tiny_model
+
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
 
 TIMESTEPS = [50, 200, 400, 600, 800]
 

@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 from sdtune.testing import make_dataset, write_tiny_model
 
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,7 +30,7 @@ def _two_processes(tmp_path: Path, port: int, *train_flags: str) -> tuple[list[s
     write_tiny_model(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
     make_dataset(tmp_path / "data", n=4, seed=0, metadata=tmp_path / "meta.json")
     # ACCELERATE_USE_CPU makes accelerate pick MULTI_CPU (gloo) instead of silently running
-    # two independent single processes (environment-facts §5)
+    # two independent single processes (both then save the same state: a race)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),

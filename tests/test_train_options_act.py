@@ -1,4 +1,5 @@
-"""Every option of `sdtune train` acts (issue #6, item 5), and sd-scripts' documented command lines run.
+"""Every option of `sdtune train` acts, and sd-scripts' documented command lines run:
+an accepted option that does nothing would be a silent lie to the user.
 
 Each TrainOptions field is listed below in exactly one place: a run of the real training command
 whose output shows the option's effect (checked against an independent computation where one
@@ -24,6 +25,8 @@ from safetensors.torch import load_file
 from sdtune.errors import UserError
 from sdtune.testing import write_tiny_model, write_training_workspace
 from sdtune.train.options import TrainOptions
+
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
 
 REPO = Path(__file__).resolve().parents[1]
 UNET = "model.diffusion_model."
@@ -153,7 +156,7 @@ ELSEWHERE = {
     **{k: "tests/test_secrets.py::test_wandb_run_name_and_api_key_reach_wandb_init" for k in (
         "log_tracker_config", "wandb_run_name", "wandb_api_key")},
     "save_ema": "tests/test_train_outputs.py::test_ema_matches_an_independent_average",
-    # validation (issue #7)
+    # validation
     **{k: "tests/test_train_outputs.py::test_validation_loss_is_reproducible_and_correct" for k in (
         "validation_split", "validation_seed", "validate_every_n_steps")},
     **{k: "tests/test_train_outputs.py::test_validate_every_n_epochs_and_max_validation_steps" for k in (

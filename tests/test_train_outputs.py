@@ -15,7 +15,7 @@ from sdtune.errors import UserError
 from sdtune.testing import make_dataset, write_tiny_model
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # see conftest
 
 
 @pytest.fixture(scope="module")

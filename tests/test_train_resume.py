@@ -15,7 +15,7 @@ from sdtune.cli import main
 from sdtune.testing import write_training_workspace
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # see conftest
 
 
 @pytest.fixture(scope="module")

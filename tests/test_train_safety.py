@@ -22,7 +22,8 @@ from sdtune.cli import main
 from sdtune.testing import write_training_workspace
 
 # one torch thread: also what makes os.fork safe (an OpenMP pool does not survive a fork)
-pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"), pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

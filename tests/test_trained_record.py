@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from sdtune.testing import make_dataset, write_tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # see conftest
 
 
 def _train(argv: list[str]):

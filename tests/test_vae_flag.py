@@ -18,6 +18,8 @@ from sdtune.cli import main
 from sdtune.errors import UserError
 from sdtune.testing import build_tiny_model, write_tiny_model
 
+pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
+
 VAE = "first_stage_model."
 
 

@@ -110,6 +110,6 @@ def from_original(sd: dict, *, unet_keys, vae_keys, text_keys, unet_config, vae_
         raise UserError(f"U-Net tensors that do not fit the detected architecture: {stray[:3]}", where=where,
                         fix="This is not an SD 1.x/2.x U-Net (inpainting, SDXL, ...?) or the family detection is wrong.")
     # EMA copies are deliberately not carried: an output holding stale EMA next to trained weights
-    # misleads any tool that prefers EMA (sd-scripts' bug #21).
+    # misleads any tool that prefers EMA (sd-scripts carries them over from the source checkpoint).
     passthrough = {k: v.clone() for k, v in sd.items() if k not in used and not k.startswith(EMA_PREFIX)}
     return unet_sd, vae_sd, text_sd, passthrough

@@ -4,8 +4,9 @@
         --batch_size 4 --max_resolution 512,512 --mixed_precision no
 
 sd-scripts' documented fine-tuning workflow runs this between merging the metadata and training.
-At the sd-scripts snapshot we follow it writes no latents at all (reference spec §1.7); here it
-works: the images are bucketed as `--enable_bucket` training buckets them, their latents are cached
+At the sd-scripts snapshot we follow it writes no latents at all (the disk branch of the function
+it calls is now a no-op); here it works: the images are bucketed as `--enable_bucket` training
+buckets them, their latents are cached
 in sdtune's content-addressed cache (`<image folder>/.sdtune-cache/`), and `out_json` is `in_json`
 with each image's bucket as `train_resolution` (what sd-scripts writes) and, as `sdtune_latents`, how
 its latents were cached (VAE precision, resize, mirrored or not). Training with the documented line

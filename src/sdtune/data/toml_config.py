@@ -6,8 +6,9 @@
 
 A subset key is looked up in the subset, its dataset, [general], the command line (with its
 default), in that order; a dataset key in the dataset, [general], the command line. `None` means
-"not set" at every level, as in sd-scripts (spec §3.3). Without --dataset_config, --in_json and
---train_data_dir make one dataset with one subset (spec §3.4).
+"not set" at every level, as in sd-scripts (so a config cannot un-set what the command line sets).
+Without --dataset_config, --in_json and --train_data_dir make one dataset with one subset, as
+sd-scripts' fine_tune.py builds it.
 
 Every error names the file, the table (e.g. `datasets[0].subsets[1]`) and the key. Keys sd-scripts
 parses but that have no meaning or no implementation here (face_crop_aug_range, network_multiplier
@@ -47,7 +48,7 @@ DATASET_KEYS: dict[str, str] = {
 }
 DREAMBOOTH_KEYS = ("caption_extension", "caption_extention", "class_tokens", "is_reg", "cache_info",
                    "conditioning_data_dir")
-# Command-line flag of each key whose name differs (spec §3.2).
+# Command-line flag of each key whose name differs (sd-scripts' config keys vs its flags).
 CLI_NAME = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
 
 _MINIMUM = {"num_repeats": 0, "keep_tokens": 0, "token_warmup_min": 0, "token_warmup_step": 0,

@@ -1,18 +1,20 @@
 """Caption assembly and per-sample augmentation, with sd-scripts' option names and meaning.
 
-The order of operations follows sd-scripts' `process_caption` (reference spec §5.1): prefix and
+The order of operations follows sd-scripts' `process_caption` (library/train_util.py): prefix and
 suffix, whole-caption dropout, wildcards (or first line only), fixed/flex split, token warm-up,
 shuffle, tag dropout, re-join, secondary separator. Where sd-scripts is wrong we differ, and
 docs/text.md lists each difference:
 
 * shuffled tags are re-joined with the configured `caption_separator`, not a hard-coded ", "
-  (sd-scripts #1304);
+  (kohya-ss/sd-scripts#1304);
 * the prefix and suffix are joined with the separator, so a prefix is its own tag instead of
-  merging into the first one (spec §12 row 11);
+  merging into the first one (sd-scripts joins them with a space: "p" + "a, b" gives the tag
+  "p a");
 * the `keep_tokens_separator` never reaches the text encoder, even when nothing is shuffled;
 * empty tags (from ", ," or a trailing separator) are dropped instead of shuffled around;
 * randomness comes from a generator derived from (seed, epoch, index), never the global RNG, so
-  two runs and two ranks draw the same augmentation (spec §12 row 13).
+  two runs and two ranks draw the same augmentation (sd-scripts reseeds the global RNG each epoch,
+  and its collate function learns the new epoch one batch late).
 
 Pure Python: no torch import, so config validation can use `CaptionOptions`.
 """

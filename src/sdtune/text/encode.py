@@ -2,11 +2,13 @@
 
 `TextConditioner` is the one path from a caption to the tensor the U-Net attends to, used by
 training and by sample generation alike, so the two can never disagree (sd-scripts' sampler uses
-another chunking, padding and weighting than its trainer: reference spec §6.6).
+another chunking, padding and weighting than its trainer: up to 3 chunks whatever
+--max_token_length says, every chunk's BOS and EOS kept, EOS padding even for SD2, weights
+renormalised by their mean).
 
-Encoding (spec §6.3): each 77-token chunk goes through the text encoder on its own; the result is
-re-assembled as the first chunk's BOS state, the 75 content states of every chunk, and the last
-chunk's final state: (batch, 75·n + 2, width).
+Encoding (as sd-scripts' trainer does it): each 77-token chunk goes through the text encoder on its
+own; the result is re-assembled as the first chunk's BOS state, the 75 content states of every
+chunk, and the last chunk's final state: (batch, 75·n + 2, width).
 
 clip skip is numbered as in A1111 and sd-scripts for SD1 (1 = last layer, 2 = penultimate): the
 hidden state after layer `L - clip_skip + 1`, then the encoder's final layer norm. For SD2 we count

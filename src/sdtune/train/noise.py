@@ -13,8 +13,8 @@ deliberate differences (docs/training-options.md):
 
 * zero terminal SNR rescales the betas *before* any SNR is computed, so min-SNR, debiased estimation
   and the v-prediction scales see the schedule the model is actually trained on (sd-scripts computes
-  its SNR table from the original betas: its bug #16);
-* `--huber_scale` acts with every Huber schedule (sd-scripts ignores it with `snr`: bug #17), and
+  its SNR table from the original betas, before the zero-terminal-SNR fix);
+* `--huber_scale` acts with every Huber schedule (sd-scripts ignores it with `snr`), and
   min-SNR together with `--scale_v_pred_loss_like_noise_pred` is refused because the v-corrected
   min-SNR weight already contains that scale.
 

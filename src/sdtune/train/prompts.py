@@ -1,6 +1,6 @@
 """Sample-prompt files (`--sample_prompts`): .txt, .toml and .json as sd-scripts reads them.
 
-Formats (reference spec §9.3):
+Formats (as sd-scripts' `load_prompts` and `line_to_prompt_dict` read them):
 
 * `.txt` — one prompt per line, `#` starts a comment line. Options follow the prompt as
   ` --flag value`: `--n` negative prompt, `--w` width, `--h` height, `--s` steps, `--l` CFG scale,

@@ -2,7 +2,8 @@
 
 Why not `StableDiffusionPipeline`: the pipeline tokenises and encodes prompts its own way (77
 tokens, no clip skip, no prompt weights), and sd-scripts' sampler likewise differs from its trainer
-(reference spec §6.6, §12 row 15). Here the prompt *and* the negative prompt go through the run's
+(up to 3 chunks whatever --max_token_length says, every chunk's BOS and EOS kept, EOS padding
+even for SD2, weights renormalised by their mean). Here the prompt *and* the negative prompt go through the run's
 `TextConditioner.encode`, the very function training uses, so a sample shows what training taught.
 No negative prompt means the empty prompt's embedding, which is what caption dropout trains on.
 The denoising loop below is the textbook one, with diffusers' schedulers doing the maths.
@@ -76,7 +77,7 @@ def build_scheduler(scheduler_config: dict[str, Any], prediction_type: str, samp
 
 @dataclass(frozen=True)
 class SampleSchedule:
-    """When to sample, with sd-scripts' rules (spec §9.3).
+    """When to sample, with sd-scripts' rules (`sample_images` in its library/train_util.py).
 
     `every_n_epochs` overrides `every_n_steps` as in sd-scripts: with both set, only epoch ends
     sample. Steps count optimizer steps from 1; epochs count from 1.

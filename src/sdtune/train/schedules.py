@@ -7,7 +7,7 @@ Every schedule counts optimizer steps. accelerate advances a prepared scheduler 
 for each optimizer step, so the step counts handed to the named schedules (warm-up, total, decay,
 timescale, the boundaries of piecewise_constant) are multiplied by the number of processes, and a
 `--lr_scheduler_type` class is wrapped so that it advances once per optimizer step. sd-scripts
-forgets this for integer warm-ups and for custom classes (its bug #19): on N GPUs their curves run
+forgets this for integer warm-ups and for custom classes: on N GPUs their curves run
 N times faster.
 
 The functions are the libraries': diffusers for the schedules it has (constant ... polynomial,

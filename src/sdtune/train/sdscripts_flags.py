@@ -47,7 +47,8 @@ NOT_SUPPORTED: dict[str, str] = {
                                "(--initial_step only sets the counters, as without this flag in sd-scripts)",
 }
 
-# Flags that sd-scripts documents and sdtune will implement (tracked in the issues); refused until then.
+# Flags that sd-scripts documents and sdtune means to implement; refused until then, so that none is
+# silently ignored.
 PLANNED: dict[str, str] = {
     name: "not implemented yet in this version of sdtune"
     for name in (
