@@ -278,7 +278,7 @@ def train(opts: TrainOptions) -> TrainResult:
 
     def warn(line: str) -> None:  # on a line of its own above the progress bar, not inside it
         with type(progress.bar).external_write_mode():
-            console_note(f"warning: {line}", stderr=True)
+            console_note(f"warning: {line}")  # stdout, like every line of ours
 
     failures = LoadFailures(plan, loader.dataset, strict=opts.strict, warn=warn if main else None,
                             before_stop=progress.close)
