@@ -13,7 +13,7 @@ from typing import Callable
 from sdtune.console import plural
 from sdtune.errors import UserError
 from sdtune.train.accel import fresh_accelerator_state
-from sdtune.train.options import TrainOptions
+from sdtune.train.options import TrainingOptions, TrainOptions
 
 
 def make_accelerator(opts: TrainOptions, note: Callable[[str], None]):
@@ -93,7 +93,7 @@ def compute_copy(module, device, dtype):
     return copy.deepcopy(module).to(device=device, dtype=dtype)
 
 
-def configure_attention(unet, opts: TrainOptions, note: Callable[[str], None]) -> None:
+def configure_attention(unet, opts: TrainingOptions, note: Callable[[str], None]) -> None:
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -114,7 +114,7 @@ def configure_attention(unet, opts: TrainOptions, note: Callable[[str], None]) -
         note("note: --mem_eff_attn selects SDPA's memory-efficient CUDA kernel; on the CPU SDPA chooses its own")
 
 
-def mem_eff_context(opts: TrainOptions):
+def mem_eff_context(opts: TrainingOptions):
     """SDPA restricted to the memory-efficient kernel (--mem_eff_attn on CUDA), else nothing."""
     import contextlib
 
