@@ -52,8 +52,7 @@ NOT_SUPPORTED: dict[str, str] = {
 PLANNED: dict[str, str] = {
     name: "not implemented yet in this version of sdtune"
     for name in (
-        "torch_compile", "dynamo_backend", "ddp_timeout",
-        "ddp_gradient_as_bucket_view", "ddp_static_graph",
+        "torch_compile", "dynamo_backend",
     )
 }
 
