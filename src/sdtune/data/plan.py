@@ -22,7 +22,7 @@ from sdtune.data.toml_config import DatasetSpec, SubsetSpec, dataset_specs
 from sdtune.errors import UserError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million samples in a fraction of the memory
 class Sample:
     """One image of one subset. `index` is stable for the run (its position in `plan.samples`)."""
 
@@ -109,13 +109,18 @@ class DatasetPlan:
 
     def summary(self, num_processes: int = 1, gradient_accumulation_steps: int = 1) -> str:
         lines = []
+        active = self.active
+        per_subset = Counter(x.subset for x in active)
+        held_out = Counter(x.subset for x in self.samples if x.index in self.excluded)
+        groups = self.groups()
+        total = sum(self.repeats(s) for s in active)
         for d in self.datasets:
             rule = RECORDED if d.recorded_buckets else _rule(d).describe()
             lines.append(f"dataset {d.index} ({d.where}): batch size {d.batch_size}; {rule}")
             for s in d.subsets:
-                n = sum(1 for x in self.active if x.subset == s.index)
+                n = per_subset[s.index]
                 if getattr(s, "is_validation", False):
-                    held = sum(1 for x in self.samples if x.subset == s.index and x.index in self.excluded)
+                    held = held_out[s.index]
                     lines.append(f"  subset {s.index}: validation only, {plural(held, 'image')} held out from "
                                  f"{s.metadata_file}")
                     continue
@@ -124,20 +129,20 @@ class DatasetPlan:
                              f"{s.metadata_file}"
                              + (f" ({', '.join(extras)})" if extras else ""))
             lines.append("  bucket       images  samples  batches")
-            for (di, bucket), indices in self.groups().items():
+            for (di, bucket), indices in groups.items():
                 if di != d.index:
                     continue
                 count = sum(self.repeats(self.samples[i]) for i in indices)
-                bar = "#" * max(1, round(30 * count / max(1, self.total_samples())))
+                bar = "#" * max(1, round(30 * count / max(1, total)))
                 lines.append(f"  {bucket[0]:>4}x{bucket[1]:<5} {len(indices):>7}  {count:>7}  "
                              f"{math.ceil(count / d.batch_size):>7}  {bar}")
-        lines.append(f"{plural(len(self.active), 'image')}, {plural(self.total_samples(), 'sample')} per epoch, "
+        lines.append(f"{plural(len(active), 'image')}, {plural(total, 'sample')} per epoch, "
                      f"{plural(self.total_batches(), 'batch')}; with {plural(num_processes, 'process')} and "
                      f"{plural(gradient_accumulation_steps, 'accumulation step')}: "
                      f"{plural(self.batches_per_epoch(num_processes), 'batch')} and "
                      f"{plural(self.steps_per_epoch(num_processes, gradient_accumulation_steps), 'optimizer step')} "
                      "per epoch")
-        crops = [s for s in self.active if _crop_fraction(s) > 0.25]
+        crops = [s for s in active if _crop_fraction(s) > 0.25]
         if crops:
             lines.append(f"{plural(len(crops), 'image')} {'loses' if len(crops) == 1 else 'lose'} more than 25% of "
                          f"the area to cropping (extreme aspect ratios), e.g. {crops[0].path} "
@@ -204,7 +209,8 @@ def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | 
         if recorded_buckets and all_recorded([r for _s, records in loaded for r in records]):
             d = specs[position] = replace(d, enable_bucket=True, recorded_buckets=True)
         rule = _rule(d)
-        for s, records in loaded:
+        while loaded:  # each subset's records are dropped once planned: less memory at the peak
+            s, records = loaded.pop(0)
             need = [r.path for r in records if r.image_size is None]
             read = dict(zip(need, _sizes(need, min(8, max(1, options.max_data_loader_n_workers)))))
             for r in records:
@@ -218,7 +224,7 @@ def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | 
                                f"{d.bucket_reso_steps}", options.strict, warn)
                     continue
                 bucket, resized = assigned
-                samples.append(Sample(len(samples), s.index, d.index, str(r.path), r.caption, r.tags, size, bucket,
+                samples.append(Sample(len(samples), s.index, d.index, r.file, r.caption, r.tags, size, bucket,
                                       resized))
     if not samples:
         raise UserError("no usable images in the dataset", where=str(options.dataset_config or options.in_json),
