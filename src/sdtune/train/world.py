@@ -143,8 +143,9 @@ def check_engine(accelerator, requested: str | None, supported: frozenset[str] =
                         fix=f"Fix the launch so that {name} runs, or drop the request.")
 
 
-def accelerator_handlers(opts) -> list:
-    """accelerate's kwargs handlers for the DDP and process-group options, as sd-scripts sets them;
+def accelerator_handlers(opts, backend: str | None = None) -> list:
+    """accelerate's kwargs handlers for the DDP and process-group options, as sd-scripts sets them,
+    and a process-group `backend` when one must be named (DeepSpeed on CPUs: `zero.process_group_backend`);
     first, an engine requested through accelerate launch that sdtune cannot run under is refused,
     before accelerate tries it (on a CPU accelerate's FSDP setup dies with a traceback)."""
     from datetime import timedelta
@@ -159,9 +160,14 @@ def accelerator_handlers(opts) -> list:
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=opts.train_text_encoder,
                                               gradient_as_bucket_view=opts.ddp_gradient_as_bucket_view,
                                               static_graph=opts.ddp_static_graph)]
+    group = {}
     if opts.ddp_timeout:
-        # accelerate passes on only what differs from its defaults: the backend stays its choice
-        handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=opts.ddp_timeout)))
+        group["timeout"] = timedelta(minutes=opts.ddp_timeout)
+    if backend:
+        group["backend"] = backend
+    if group:
+        # accelerate passes on only what differs from its defaults: otherwise the backend stays its choice
+        handlers.append(InitProcessGroupKwargs(**group))
     return handlers
 
 
