@@ -6,7 +6,6 @@ and are skipped without it; the launches (~20 s each) start two gloo processes o
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
