@@ -88,7 +88,7 @@ _PROBE = textwrap.dedent("""
         line = "started: " + world.describe(accelerator, launch)
     except UserError as exc:
         line = "refused: " + exc.message
-    os.write(1, (line + "\\\\n").encode())
+    os.write(1, (line + "\\n").encode())
 """)
 
 
