@@ -166,14 +166,19 @@ class BucketRule:
         where the image's would sort; the same key then decides among them (ties included)."""
         if size in self._exact:
             return size
+        logs = self._logs
         log_ar = math.log(size[0] / size[1])
-        i = bisect.bisect_left(self._logs, log_ar)
-        best = min(abs(self._logs[j] - log_ar) for j in (i - 1, i) if 0 <= j < len(self._logs))
+        i = bisect.bisect_left(logs, log_ar)
+        below = abs(logs[i - 1] - log_ar) if i > 0 else math.inf
+        above = abs(logs[i] - log_ar) if i < len(logs) else math.inf
+        best = min(below, above)
         lo, hi = i, i
-        while lo > 0 and abs(self._logs[lo - 1] - log_ar) <= best:
+        while lo > 0 and abs(logs[lo - 1] - log_ar) <= best:
             lo -= 1
-        while hi < len(self._logs) and abs(self._logs[hi] - log_ar) <= best:
+        while hi < len(logs) and abs(logs[hi] - log_ar) <= best:
             hi += 1
+        if hi - lo == 1:  # the usual case: one nearest bucket
+            return self._sorted[lo]
         return min(self._sorted[lo:hi], key=lambda b: (abs(math.log(b[0] / b[1]) - log_ar), -b[0] * b[1]))
 
     def assign(self, size: Size) -> tuple[Size, Size] | None:

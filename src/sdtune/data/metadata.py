@@ -107,21 +107,28 @@ class _Listings:
         as_is = _normal(os.path.expanduser(key))
         if as_is not in ("", "."):
             # both candidates end in the key's file name: only their folders differ
-            folder, name = os.path.split(as_is)
+            folder, name = os.path.split(as_is) if os.sep in as_is else ("", as_is)
             folders = [folder]
             if root is not None and not os.path.isabs(as_is):
                 folders.append(os.path.join(root, folder) if folder else root)
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 for f in folders:
                     if self._has(f, name):
-                        return os.path.join(f, name)
+                        return _join(f, name)
             for f in reversed(folders):
                 for ext in IMAGE_EXTENSIONS:
                     for candidate in (name + ext, name + ext.upper()):
                         if self._has(f, candidate):
-                            return os.path.join(f, candidate)
+                            return _join(f, candidate)
         found = resolve_key(key, None if root is None else Path(root))  # the rare rest, by the one rule
         return None if found is None else str(found)
+
+
+def _join(folder: str, name: str) -> str:
+    """os.path.join for a folder in pathlib's spelling and a plain name, without its generality."""
+    if not folder:
+        return name
+    return folder + name if folder.endswith(os.sep) else folder + os.sep + name
 
 
 def _normal(path: str) -> str:
