@@ -153,13 +153,13 @@ def load_records(metadata_file: str | Path, image_dir: str | Path | None) -> lis
         if path is None:
             missing.append(key)
             continue
+        # positional, and absent fields skip their checks: a million records add up
+        bucket, prepared = value.get("train_resolution"), value.get("sdtune_latents")
         records.append(MetadataRecord(
-            key=key, file=path,
-            caption=_text(value.get("caption"), key, "caption", where),
-            tags=_text(value.get("tags"), key, "tags", where),
-            image_size=_size(value.get("image_size"), key, where),
-            train_resolution=_bucket(value.get("train_resolution"), key, where),
-            prepared_latents=_prepared(value.get("sdtune_latents"), key, where)))
+            key, path, _text(value.get("caption"), key, "caption", where), _text(value.get("tags"), key, "tags", where),
+            _size(value.get("image_size"), key, where),
+            None if bucket is None else _bucket(bucket, key, where),
+            None if prepared is None else _prepared(prepared, key, where)))
     if missing:
         listed = ", ".join(repr(k) for k in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
