@@ -62,3 +62,39 @@ def test_binary_searched_bucket_is_the_scanned_one():
 def test_samples_pickle():
     sample = Sample(3, 0, 0, "/x/a.png", "a cat", None, (640, 480), (576, 448), (597, 448))
     assert pickle.loads(pickle.dumps(sample)) == sample
+
+
+def test_sizes_without_metadata_are_read_once_and_cached_with_a_disk_cache(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from sdtune.data import DatasetOptions, build_plan
+    from sdtune.data.sizes import SIZES_FILE
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, size in enumerate([(96, 64), (64, 128), (80, 80)]):
+        Image.new("RGB", size, (i * 50, 0, 0)).save(images / f"im{i}.png")
+    (tmp_path / "meta.json").write_text(json.dumps({f"im{i}": {"caption": "x"} for i in range(3)}))
+
+    def sizes(**disk):
+        opts = DatasetOptions(in_json=str(tmp_path / "meta.json"), train_data_dir=str(images), resolution="64",
+                              enable_bucket=True, min_bucket_reso=32, bucket_reso_steps=32, **disk)
+        return [s.size for s in build_plan(opts, seed=0, warn=lambda _m: None).samples]
+
+    assert sizes() == [(96, 64), (64, 128), (80, 80)]
+    assert not (images / ".sdtune-cache").exists()  # without a disk-cache option nothing is written there
+    assert sizes(cache_dir=str(tmp_path / "cache")) == [(96, 64), (64, 128), (80, 80)]
+    (cached,) = (tmp_path / "cache").glob(f"*/{SIZES_FILE}")
+    assert sorted(json.loads(cached.read_text())) == ["im0.png", "im1.png", "im2.png"]
+
+    # im0's bytes become garbage of the same length and time: only the cache can still know its size
+    garbage = images / "im0.png"
+    st = garbage.stat()
+    garbage.write_bytes(b"\0" * st.st_size)
+    os.utime(garbage, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # im1 is replaced by a new image: a changed file is read again
+    Image.new("RGB", (128, 64)).save(images / "im1.png")
+    assert sizes(cache_dir=str(tmp_path / "cache")) == [(96, 64), (128, 64), (80, 80)]
+    assert sizes() == [(128, 64), (80, 80)]  # without the cache im0 is found unreadable

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from sdtune.console import plural
 from sdtune.data.buckets import BucketRule, Size
-from sdtune.data.images import BadImage, read_size
+from sdtune.data.images import BadImage
 from sdtune.data.metadata import load_records
 from sdtune.data.options import DatasetOptions
 from sdtune.data.prepared import RECORDED, all_recorded, recorded_geometry
+from sdtune.data.sizes import read_sizes
 from sdtune.data.toml_config import DatasetSpec, SubsetSpec, dataset_specs
 from sdtune.errors import UserError
 
@@ -167,22 +166,6 @@ def _rule(d: DatasetSpec) -> BucketRule:
                       max_size=d.max_bucket_reso, step=d.bucket_reso_steps, no_upscale=d.bucket_no_upscale)
 
 
-def _sizes(paths: list[Path], workers: int) -> list[Size | BadImage]:
-    def one(p: Path) -> Size | BadImage:
-        try:
-            return read_size(p)
-        except BadImage as exc:
-            return exc
-
-    if len(paths) < 64 or workers <= 1:
-        return [one(p) for p in paths]
-    from tqdm import tqdm
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(one, paths), total=len(paths), desc="reading image sizes", unit="img",
-                         leave=False, disable=None))
-
-
 def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | Size | None = None,
                warn=None, recorded_buckets: bool = True) -> DatasetPlan:
     """Read the dataset config (or --in_json), every metadata file and every image header.
@@ -212,7 +195,9 @@ def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | 
         while loaded:  # each subset's records are dropped once planned: less memory at the peak
             s, records = loaded.pop(0)
             need = [r.path for r in records if r.image_size is None]
-            read = dict(zip(need, _sizes(need, min(8, max(1, options.max_data_loader_n_workers)))))
+            read = dict(zip(need, read_sizes(need, min(8, max(1, options.max_data_loader_n_workers)),
+                                             disk=bool(options.cache_latents_to_disk or options.cache_dir),
+                                             cache_dir=options.cache_dir)))
             for r in records:
                 size = r.image_size or read[r.path]
                 if isinstance(size, BadImage):
