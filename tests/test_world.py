@@ -184,3 +184,17 @@ def test_a_correct_launch_starts_locks_and_sets_the_ddp_options(tmp_path):
     assert not (tmp_path / "out").exists()  # released at exit, and the folder it made (empty) removed
     # sd-scripts' meanings: minutes for --ddp_timeout, DDP's own switches for the other two
     assert out.count("ddp: static_graph=True gradient_as_bucket_view=True timeout=0:07:00") == 2, out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo launch is tested on Linux")
+def test_a_locked_folder_stops_every_process_of_a_launch(tmp_path):
+    holder = _hold(tmp_path / "out")  # another training holds the folder
+    try:
+        out = _launch(tmp_path, 29564, "sdtune", "--multi_gpu")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert out.count(f"refused: {tmp_path / 'out'}: another training is writing to this folder (process "
+                     f"{holder.pid} on ") == 1, out
+    assert out.count("refused: the main process stopped at start (its message is above)") == 1, out

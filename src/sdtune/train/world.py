@@ -309,6 +309,20 @@ def start(accelerator, opts, *, deepspeed: bool = False) -> OutputLock | None:
     launch = Launch.from_env()
     check_world(accelerator, launch)
     check_engine(accelerator, requested_engine(deepspeed))
-    if not accelerator.is_main_process:
-        return None
-    return lock_output_dir(opts.output_dir)
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = lock_output_dir(opts.output_dir)
+        except UserError as exc:
+            refusal = exc
+    if accelerator.num_processes > 1:
+        # the other processes would otherwise run on until they wait for the main one at a collective
+        import torch.distributed as dist
+
+        told = [None if refusal is None else refusal.message]
+        dist.broadcast_object_list(told, src=0)
+        if told[0] is not None and refusal is None:
+            raise UserError("the main process stopped at start (its message is above)")
+    if refusal is not None:
+        raise refusal
+    return lock
