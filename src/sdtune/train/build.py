@@ -29,6 +29,11 @@ class RunContext:
     resume_record: dict[str, Any] | None
     length_changed: str | None  # the note when the resumed run's length changed
     started: float
+    lock: Any = None  # train.world.OutputLock on the main process: no second training writes to the folder
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def main(self) -> bool:
@@ -69,7 +74,7 @@ class TextParts:
 def start(opts: TrainOptions) -> RunContext:
     from sdtune.config import public_options
     from sdtune.console import note as console_note, setup_console
-    from sdtune.train import state
+    from sdtune.train import state, world
     from sdtune.train.preflight import check_outputs
     from sdtune.train.setup import make_accelerator
     from sdtune.train.weights import Weights
@@ -79,16 +84,25 @@ def start(opts: TrainOptions) -> RunContext:
     setup_console(opts.console_log_level, opts.console_log_file, opts.console_log_simple)
     started = time.time()
     accelerator = make_accelerator(opts, console_note)
+    # the processes are the ones the launcher started, and no other training writes to the folder
+    lock = world.start(accelerator, opts)
+    if accelerator.num_processes > 1:
+        console_note(world.describe(accelerator))  # every process: a wrong world shows in any log
     note = console_note if accelerator.is_main_process else (lambda *a, **k: None)
     options = public_options(opts)
-    resume_record = state.read_state(opts.resume) if opts.resume else None
-    length_changed = None
-    if resume_record:  # refuse a mismatched resume before any expensive work
-        state.check_compatible(resume_record, options, opts.resume_allow_changes, opts.resume)
-        if length_changed := state.length_change_note(resume_record, options):
-            note(f"note: {length_changed}")
+    try:
+        resume_record = state.read_state(opts.resume) if opts.resume else None
+        length_changed = None
+        if resume_record:  # refuse a mismatched resume before any expensive work
+            state.check_compatible(resume_record, options, opts.resume_allow_changes, opts.resume)
+            if length_changed := state.length_change_note(resume_record, options):
+                note(f"note: {length_changed}")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     return RunContext(opts, accelerator, Weights(accelerator), note, opts.effective_seed, options, resume_record,
-                      length_changed, started)
+                      length_changed, started, lock)
 
 
 def load_data(run: RunContext) -> DataParts:

@@ -46,15 +46,19 @@ class Trainer:
     def fit(self) -> TrainResult:
         from sdtune.train.setup import StopRequest
 
-        self._build()
-        if self.schedule.at_start() and (self.global_step == 0 or not self.opts.resume):
-            self.sample(self.global_step)
-        with StopRequest() as self.stop:
-            for epoch in range(self.position.epoch, self.epochs):
-                if self._run_epoch(epoch):
-                    break
-        self.progress.close()
-        return self._finish()
+        self.run = build.start(self.opts)
+        try:
+            self._build()
+            if self.schedule.at_start() and (self.global_step == 0 or not self.opts.resume):
+                self.sample(self.global_step)
+            with StopRequest() as self.stop:
+                for epoch in range(self.position.epoch, self.epochs):
+                    if self._run_epoch(epoch):
+                        break
+            self.progress.close()
+            return self._finish()
+        finally:
+            self.run.release()  # also when the run fails: the folder is free for the next one
 
     def _run_epoch(self, epoch: int) -> bool:
         """One epoch, or what is left of it; True when the run ends in it."""
@@ -319,8 +323,7 @@ class Trainer:
         from sdtune.train.prompts import load_prompts
         from sdtune.train.setup import mem_eff_context, weight_dtype
 
-        opts = self.opts
-        self.run = run = build.start(opts)
+        opts, run = self.opts, self.run
         self.schedule = sampling.SampleSchedule(opts.sample_every_n_steps, opts.sample_every_n_epochs,
                                                 opts.sample_at_first)
         for line in sampling.check_sampling_options(opts.sample_prompts, opts.sample_every_n_steps,
