@@ -18,7 +18,7 @@ import torch
 
 from sdtune.cli import main
 from sdtune.families import get_family
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 
 pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
 
@@ -65,9 +65,9 @@ def fixed_noise_loss(model_dir: Path, data: Path, meta: dict, prediction_type: s
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2-v"])
-def test_overfit_lowers_the_fixed_noise_loss(family, tmp_path):
+def test_overfit_lowers_the_fixed_noise_loss(family, tmp_path, tiny_model_file):
     prediction_type = get_family(family).prediction_type
-    write_tiny_model(tmp_path / "model", family, seed=0, fmt="diffusers")
+    tiny_model_file(tmp_path / "model", family, seed=0, fmt="diffusers")
     full = make_dataset(tmp_path / "data", n=4, seed=3)
     meta = {stem: {"caption": entry["caption"]} for stem, entry in full.items()}  # the caption is the whole text
     (tmp_path / "meta.json").write_text(json.dumps(meta))
