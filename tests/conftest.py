@@ -50,6 +50,53 @@ def tiny_sd1():
     return build_tiny_model("sd1", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory):
+    """`sdtune.testing.write_tiny_model` for tests that only need the files: each (family, seed,
+    format, file name) is built and written once per test process, then copied. The writer is
+    deterministic (same weights, same file name in the metadata; only the date differs), and
+    building and converting costs ~1 s, which about thirty modules paid each."""
+    import shutil
+
+    from sdtune.testing import write_tiny_model
+
+    store = tmp_path_factory.mktemp("tiny-models")
+    written: dict[tuple, Path] = {}
+
+    def copy(path: str | Path, family: str = "sd1", seed: int = 0, fmt: str | None = None) -> Path:
+        path = Path(path)
+        key = (family, seed, fmt, path.name)
+        if key not in written:
+            written[key] = write_tiny_model(store / str(len(written)) / path.name, family, seed=seed, fmt=fmt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if written[key].is_dir():
+            shutil.copytree(written[key], path)
+        else:
+            shutil.copyfile(written[key], path)
+        return path
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def training_workspace(tiny_model_file):
+    """The folder a training test runs in, as `sdtune.testing.write_training_workspace` writes it
+    (a tiny SD1 Diffusers model in `model/`, `n` images in `data/`, `meta.json`), with the model
+    copied (see tiny_model_file). Optional extra files: `model.safetensors` (the same weights as
+    one file) with `safetensors=True`."""
+    from sdtune.testing import make_dataset
+
+    def write(root: str | Path, n: int = 4, seed: int = 0, *, safetensors: bool = False) -> Path:
+        root = Path(root)
+        tiny_model_file(root / "model", "sd1", seed=seed, fmt="diffusers")
+        if safetensors:
+            tiny_model_file(root / "model.safetensors", "sd1", seed=seed)
+        make_dataset(root / "data", n=n, seed=seed, metadata=root / "meta.json")
+        return root
+
+    return write
+
+
 def _run_in_session(cmd: list[str], *, timeout: float = 300, **kwargs):
     """subprocess.run in its own session: on timeout the whole process group is killed (accelerate's
     launcher and every rank it started), so a hung run never outlives the test. Fails on timeout."""

@@ -160,15 +160,14 @@ def test_subset_key_and_flag_precedence(data, tmp_path):
     assert [s.alpha_mask for s in dataset_specs(no_key)[0].subsets] == [True]  # the flag alone
 
 
-def test_transparent_images_train_nothing_end_to_end(tmp_path):
+def test_transparent_images_train_nothing_end_to_end(tmp_path, tiny_model_file):
     """The real training command: with --alpha_mask, fully transparent images give a zero loss, no update
     (plain SGD: no weight decay) and a zero validation loss; the flag reaches the loop and the validator."""
     from sdtune.cli import build_parser
-    from sdtune.testing import write_tiny_model
     from sdtune.train.command import options_from_args
     from sdtune.train.trainer import train
 
-    model = write_tiny_model(tmp_path / "m.safetensors", "sd1", seed=0)
+    model = tiny_model_file(tmp_path / "m.safetensors", "sd1", seed=0)
     (tmp_path / "img").mkdir()
     for name in ("a", "b", "c"):
         _rgba(tmp_path / "img" / f"{name}.png", np.zeros((64, 64), np.uint8))
@@ -185,14 +184,13 @@ def test_transparent_images_train_nothing_end_to_end(tmp_path):
     assert unet and all(torch.equal(before[k], after[k]) for k in unet)
 
 
-def test_prepare_buckets_latents_alpha_mask_caches_the_masks(data, capsys):
+def test_prepare_buckets_latents_alpha_mask_caches_the_masks(data, capsys, tiny_model_file):
     """sd-scripts' `prepare_buckets_latents.py ... --alpha_mask`: the entries hold the masks, and the
     training line it prints asks for them."""
     from sdtune.cli import main
-    from sdtune.testing import write_tiny_model
 
     tmp_path, alphas = data
-    model = write_tiny_model(tmp_path / "model.safetensors", "sd1", seed=0)
+    model = tiny_model_file(tmp_path / "model.safetensors", "sd1", seed=0)
     code = main(["prepare_buckets_latents", str(tmp_path / "img"), str(tmp_path / "m.json"), str(tmp_path / "lat.json"),
                  str(model), "--max_resolution", "64,64", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
                  "--bucket_reso_steps", "32", "--max_data_loader_n_workers", "0", "--alpha_mask"])

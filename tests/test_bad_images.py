@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sdtune.cli import main
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -20,9 +20,9 @@ BAD = "img_000.png"
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, tiny_model_file):
     root = tmp_path_factory.mktemp("bad_images")
-    write_tiny_model(root / "model.safetensors", "sd1", seed=0)
+    tiny_model_file(root / "model.safetensors", "sd1", seed=0)
     meta = make_dataset(root / "data", n=2, seed=0, metadata=root / "meta.json")
     assert all("image_size" in m for m in meta.values())  # so planning reads no header
     data = (root / "data" / BAD).read_bytes()

@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from sdtune.cli import main
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -35,9 +35,9 @@ _ERROR = re.compile(r"^(sdtune( \w+)?: )?error: ")  # ours, or argparse's
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, tiny_model_file):
     root = tmp_path_factory.mktemp("corpus")
-    write_tiny_model(root / "model.safetensors", "sd1", seed=0)
+    tiny_model_file(root / "model.safetensors", "sd1", seed=0)
     make_dataset(root / "data", n=2, seed=0, metadata=root / "meta.json")
     assert main(_train(root, "--save_state")) == 0
     assert (root / "out" / "N.safetensors").is_file() and (root / "out" / "N-state" / "optimizer.bin").is_file()

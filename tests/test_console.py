@@ -121,12 +121,12 @@ def test_reset_restores_the_defaults(capsys):
 
 
 @pytest.mark.slow
-def test_training_run_writes_its_log_file(tmp_path, capsys):
+def test_training_run_writes_its_log_file(tmp_path, capsys, tiny_model_file):
     """The real command: --console_log_file gets the run's lines; a late error ends it, in the file too."""
     from sdtune.cli import main
-    from sdtune.testing import make_dataset, write_tiny_model
+    from sdtune.testing import make_dataset
 
-    write_tiny_model(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
+    tiny_model_file(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
     make_dataset(tmp_path / "data", n=2, seed=0, metadata=tmp_path / "meta.json")
     log = tmp_path / "train.log"
     common = ["train", "--pretrained_model_name_or_path", str(tmp_path / "model"), "--in_json", str(tmp_path / "meta.json"),

@@ -11,15 +11,15 @@ from safetensors.torch import load_file, save_file
 from torch.nn.modules.module import register_module_forward_hook
 
 from sdtune.cli import main
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 
 pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, tiny_model_file):
     root = tmp_path_factory.mktemp("cachecmd")
-    model = write_tiny_model(root / "model32.safetensors", "sd1", seed=0)
+    model = tiny_model_file(root / "model32.safetensors", "sd1", seed=0)
     # the same model stored in float16, as most downloaded checkpoints are
     save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(model)).items()},
               str(root / "model16.safetensors"), metadata={"format": "pt"})

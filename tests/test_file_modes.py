@@ -14,10 +14,12 @@ CODE = textwrap.dedent("""
     from pathlib import Path
     os.umask(int(sys.argv[2], 8))
     out = Path(sys.argv[1])
-    from sdtune.testing import write_tiny_model
+    from sdtune.checkpoint import save_model
+    from sdtune.testing import build_tiny_model
     from sdtune.atomic import atomic_write_text, write_bytes
-    write_tiny_model(out / "model.safetensors", "sd1")
-    write_tiny_model(out / "folder", "sd1")
+    model = build_tiny_model("sd1")  # built once, saved both ways
+    save_model(model, out / "model.safetensors", fmt="safetensors")
+    save_model(model, out / "folder", fmt="diffusers")
     atomic_write_text(out / "meta.json", "{}")
     write_bytes(out / "entry.bin", b"x")
     modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out / "model.safetensors",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 
 pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
 
@@ -28,8 +28,8 @@ SCALE = ["--max_resolution", "128,128", "--min_bucket_reso", "64"]  # the docume
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("legacy") / "model.ckpt", "sd1", seed=0)
+def model(tmp_path_factory, tiny_model_file) -> Path:
+    return tiny_model_file(tmp_path_factory.mktemp("legacy") / "model.ckpt", "sd1", seed=0)
 
 
 def script(name: str, *args: str) -> None:

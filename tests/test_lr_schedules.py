@@ -199,11 +199,9 @@ def test_options_refuse_before_anything_loads():
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    from sdtune.testing import write_training_workspace
-
+def ws(tmp_path_factory, training_workspace):
     root = tmp_path_factory.mktemp("sched")
-    write_training_workspace(root, n=4)
+    training_workspace(root, n=4)
     return root
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from sdtune.console import plural
 from sdtune.data import DatasetOptions, build_plan
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -37,9 +37,9 @@ def _python(run_in_session, code: str, *, env: dict | None = None, timeout: floa
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, tiny_model_file):
     root = tmp_path_factory.mktemp("noise")
-    write_tiny_model(root / "tiny.safetensors", "sd1", seed=0)
+    tiny_model_file(root / "tiny.safetensors", "sd1", seed=0)
     make_dataset(root / "data", n=2, seed=0, metadata=root / "meta.json")
     return root
 
@@ -238,8 +238,8 @@ def _cache_entry(cache: Path, repo: str, model: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_cached_hub_id_loads_without_the_hub(tmp_path, run_in_session):
-    write_tiny_model(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
+def test_a_cached_hub_id_loads_without_the_hub(tmp_path, run_in_session, tiny_model_file):
+    tiny_model_file(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
     _cache_entry(tmp_path / "cache", "tiny-org/tiny-sd", tmp_path / "model")
     hub = _Hub()
     env = {"HF_HUB_OFFLINE": None, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache")}

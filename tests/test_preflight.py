@@ -12,13 +12,13 @@ import pytest
 from _unwritable import immutable, read_only
 
 from sdtune.cli import main
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, tiny_model_file):
     root = tmp_path_factory.mktemp("preflight")
-    write_tiny_model(root / "model.safetensors", "sd1", seed=0)
+    tiny_model_file(root / "model.safetensors", "sd1", seed=0)
     make_dataset(root / "data", n=2, seed=0, metadata=root / "meta.json")
     (root / "prompts.txt").write_text("a red square\n")
     (root / "a_file").write_text("not a folder\n")

@@ -11,18 +11,18 @@ import pytest
 from sdtune.config import parse_options
 from sdtune.data.plan import build_plan
 from sdtune.data.prepared import apply_prepared
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 from sdtune.train.options import TrainOptions
 
 pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
+def prepared(tmp_path_factory, tiny_model_file) -> Path:
     from sdtune.cli import main
 
     root = tmp_path_factory.mktemp("prepared")
-    model = write_tiny_model(root / "model.safetensors", "sd1", seed=0)
+    model = tiny_model_file(root / "model.safetensors", "sd1", seed=0)
     make_dataset(root / "img", n=4, seed=1, metadata=root / "meta.json")  # 96x64, 64x96, 80x80, 128x64
     assert main(["prepare_buckets_latents", str(root / "img"), str(root / "meta.json"), str(root / "meta_lat.json"),
                  str(model), "--max_resolution", "64,64", "--min_bucket_reso", "32", "--bucket_reso_steps", "32",

@@ -13,15 +13,15 @@ import pytest
 from _unwritable import read_only
 
 from sdtune.cli import main
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 
 pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, tiny_model_file):
     root = tmp_path_factory.mktemp("rocache")
-    write_tiny_model(root / "model.safetensors", "sd1", seed=0)
+    tiny_model_file(root / "model.safetensors", "sd1", seed=0)
     make_dataset(root / "data", n=3, seed=0, metadata=root / "meta.json")
     meta = json.loads((root / "meta.json").read_text())
     (root / "two.json").write_text(json.dumps(dict(list(meta.items())[:2])))

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from sdtune.testing import write_training_workspace
 from sdtune.train import history as run_history
 from sdtune.train.logs import write_summary
 
@@ -20,9 +19,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # see co
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, training_workspace):
     root = tmp_path_factory.mktemp("history")
-    write_training_workspace(root, n=4)  # 4 images, batch 1: 4 optimizer steps per epoch
+    training_workspace(root, n=4)  # 4 images, batch 1: 4 optimizer steps per epoch
     return root
 
 

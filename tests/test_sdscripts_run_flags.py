@@ -29,11 +29,9 @@ LR = 0.01
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    from sdtune.testing import write_training_workspace
-
+def ws(tmp_path_factory, training_workspace):
     root = tmp_path_factory.mktemp("runflags")
-    write_training_workspace(root, n=2)
+    training_workspace(root, n=2)
     Image.new("RGB", (4, 4), (200, 10, 10)).save(root / "thumb.png")
     return root
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sdtune.config import public_options, secret_names
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 from sdtune.train import logs, state
 from sdtune.train.options import TrainOptions
 
@@ -37,10 +37,10 @@ def test_declared_once_on_the_option():
     assert SECRET not in repr(opts) and SECRET not in str(opts)
 
 
-def test_a_tiny_run_and_its_resume_write_and_print_no_secret(tmp_path, capfd):
+def test_a_tiny_run_and_its_resume_write_and_print_no_secret(tmp_path, capfd, tiny_model_file):
     from sdtune.cli import main
 
-    write_tiny_model(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
+    tiny_model_file(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
     make_dataset(tmp_path / "data", n=2, seed=0, metadata=tmp_path / "meta.json")
     (tmp_path / "prompts.txt").write_text("a red circle --w 64 --h 64 --s 1 --d 3\n")
     out = tmp_path / "out"

@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 
 from sdtune.cli import main
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, tiny_model_file):
     root = tmp_path_factory.mktemp("corrupt_state")
-    write_tiny_model(root / "model.safetensors", "sd1", seed=0)
+    tiny_model_file(root / "model.safetensors", "sd1", seed=0)
     make_dataset(root / "data", n=2, seed=0, metadata=root / "meta.json")
     assert main(_train(root, root / "run", "--save_state")) == 0
     assert (root / "run" / "N-state" / "optimizer.bin").is_file()

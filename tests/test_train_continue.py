@@ -15,16 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 from sdtune.cli import main
-from sdtune.testing import write_training_workspace
 from sdtune.train import state
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # see conftest
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, training_workspace):
     root = tmp_path_factory.mktemp("continue")
-    write_training_workspace(root, n=5)
+    training_workspace(root, n=5)
     # 5 images in 3 buckets (32x96, 64x64, 96x32), batch 1: 5 batches per epoch; with accumulation 2
     # that is 3 optimizer steps per epoch, the last one closed by the epoch's single last batch
     return root

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from sdtune.cli import main
-from sdtune.testing import write_training_workspace
 
 pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
 
@@ -16,9 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, training_workspace):
     root = tmp_path_factory.mktemp("e2e")
-    write_training_workspace(root, n=4)
+    training_workspace(root, n=4)
     return root
 
 

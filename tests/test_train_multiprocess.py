@@ -18,16 +18,16 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 
 pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _two_processes(tmp_path: Path, port: int, *train_flags: str) -> tuple[list[str], dict]:
+def _two_processes(tmp_path: Path, tiny_model_file, port: int, *train_flags: str) -> tuple[list[str], dict]:
     """`accelerate launch` of fine_tune.py with 2 gloo processes on a tiny model and 4 images."""
-    write_tiny_model(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
+    tiny_model_file(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
     make_dataset(tmp_path / "data", n=4, seed=0, metadata=tmp_path / "meta.json")
     # ACCELERATE_USE_CPU makes accelerate pick MULTI_CPU (gloo) instead of silently running
     # two independent single processes (both then save the same state: a race)
@@ -42,9 +42,9 @@ def _two_processes(tmp_path: Path, port: int, *train_flags: str) -> tuple[list[s
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo launch is tested on Linux")
-def test_two_cpu_processes_train_one_model(tmp_path, run_in_session):
+def test_two_cpu_processes_train_one_model(tmp_path, run_in_session, tiny_model_file):
     # each rank encodes its share of the images
-    cmd, env = _two_processes(tmp_path, 29547, "--max_train_epochs=1", "--cache_latents_to_disk")
+    cmd, env = _two_processes(tmp_path, tiny_model_file, 29547, "--max_train_epochs=1", "--cache_latents_to_disk")
     proc = run_in_session(cmd, timeout=240, env=env, cwd=tmp_path)  # a hung rendezvous ends with both ranks
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -74,10 +74,10 @@ def test_two_cpu_processes_train_one_model(tmp_path, run_in_session):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo launch is tested on Linux")
-def test_a_save_that_fails_on_the_main_process_stops_both(tmp_path, run_in_session):
+def test_a_save_that_fails_on_the_main_process_stops_both(tmp_path, run_in_session, tiny_model_file):
     """The disk fills while the main process saves: both processes stop at once with the message,
     instead of the other one waiting for the main one at the next barrier."""
-    cmd, env = _two_processes(tmp_path, 29548, "--max_train_steps=2", "--save_every_n_steps=1")
+    cmd, env = _two_processes(tmp_path, tiny_model_file, 29548, "--max_train_steps=2", "--save_every_n_steps=1")
     # every process of the run (the launcher too) imports this first: fsync reports a full disk
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(
@@ -95,11 +95,11 @@ def test_a_save_that_fails_on_the_main_process_stops_both(tmp_path, run_in_sessi
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo launch is tested on Linux")
-def test_a_batch_that_fails_on_one_process_is_skipped_by_both(tmp_path, run_in_session):
+def test_a_batch_that_fails_on_one_process_is_skipped_by_both(tmp_path, run_in_session, tiny_model_file):
     """Batch size 1, 4 images, 2 processes, 1 epoch: each image is in one process's batch only. When
     that image cannot be decoded, the process that drew it would skip the step while the other ran
     backward: their gradient all-reduces went out of step and the run hung. Both skip it now."""
-    cmd, env = _two_processes(tmp_path, 29549, "--max_train_epochs=1", "--seed=1")
+    cmd, env = _two_processes(tmp_path, tiny_model_file, 29549, "--max_train_epochs=1", "--seed=1")
     bad = tmp_path / "data" / "img_002.webp"  # its size is in the metadata: found only when loaded
     bad.write_bytes(bad.read_bytes()[:60])
     proc = run_in_session(cmd, timeout=150, env=env, cwd=tmp_path)  # a hang fails here, not in the suite

@@ -23,7 +23,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdtune.errors import UserError
-from sdtune.testing import write_tiny_model, write_training_workspace
 from sdtune.train.options import TrainOptions
 
 pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
@@ -234,10 +233,9 @@ def test_the_coverage_check_needs_the_option_set():
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, training_workspace):
     root = tmp_path_factory.mktemp("acts")
-    write_training_workspace(root, n=4)
-    write_tiny_model(root / "model.safetensors", "sd1", seed=0)
+    training_workspace(root, n=4, safetensors=True)
     (root / "prompts.txt").write_text("a red circle --w 64 --h 64 --s 2 --d 7\n")
     return root
 

@@ -12,16 +12,16 @@ from safetensors.torch import load_file
 
 from sdtune.cli import main
 from sdtune.errors import UserError
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # see conftest
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, tiny_model_file):
     root = tmp_path_factory.mktemp("outputs")
-    write_tiny_model(root / "model.safetensors", "sd1", seed=0)
+    tiny_model_file(root / "model.safetensors", "sd1", seed=0)
     make_dataset(root / "data", n=4, seed=0, metadata=root / "meta.json")
     return root
 

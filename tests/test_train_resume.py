@@ -12,16 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 from sdtune.cli import main
-from sdtune.testing import write_training_workspace
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # see conftest
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, training_workspace):
     root = tmp_path_factory.mktemp("resume")
-    write_training_workspace(root, n=5)
+    training_workspace(root, n=5)
     # 5 images: with batch 1 an epoch has an odd number of batches, so gradient accumulation 2 leaves a
     # half step at every epoch's end
     return root

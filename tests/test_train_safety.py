@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file
 
 from sdtune.cli import main
-from sdtune.testing import write_training_workspace
 
 # one torch thread: also what makes os.fork safe (an OpenMP pool does not survive a fork)
 pytestmark = [pytest.mark.slow,
@@ -27,9 +26,9 @@ pytestmark = [pytest.mark.slow,
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, training_workspace):
     root = tmp_path_factory.mktemp("safety")
-    write_training_workspace(root, n=4)
+    training_workspace(root, n=4)
     return root
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from sdtune.checkpoint import load_vae
 from sdtune.cli import main
 from sdtune.errors import UserError
-from sdtune.testing import build_tiny_model, write_tiny_model
+from sdtune.testing import build_tiny_model
 
 pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
 
@@ -24,12 +24,12 @@ VAE = "first_stage_model."
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, tiny_model_file):
     """Model A (seed 0) to train, model B (seed 1) whose VAE is the --vae in every form; two 64x64 images."""
     root = tmp_path_factory.mktemp("vae")
-    write_tiny_model(root / "a.safetensors", "sd1", seed=0)
-    write_tiny_model(root / "b.safetensors", "sd1", seed=1)
-    write_tiny_model(root / "b", "sd1", seed=1, fmt="diffusers")
+    tiny_model_file(root / "a.safetensors", "sd1", seed=0)
+    tiny_model_file(root / "b.safetensors", "sd1", seed=1)
+    tiny_model_file(root / "b", "sd1", seed=1, fmt="diffusers")
     full = load_file(str(root / "b.safetensors"))
     ldm = {k[len(VAE):]: v for k, v in full.items() if k.startswith(VAE)}
     save_file(ldm, str(root / "vae_ldm.safetensors"))
