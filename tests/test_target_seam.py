@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdtune.atomic import atomic_path
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 from sdtune.train.target import TrainingTarget
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # see conftest
@@ -85,9 +85,9 @@ class ContextShift(TrainingTarget):
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, tiny_model_file):
     root = tmp_path_factory.mktemp("toy")
-    write_tiny_model(root / "model.safetensors", "sd1", seed=0)
+    tiny_model_file(root / "model.safetensors", "sd1", seed=0)
     make_dataset(root / "data", n=4, seed=0, metadata=root / "meta.json")
     return root
 
