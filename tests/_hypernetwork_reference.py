@@ -51,7 +51,7 @@ def layers(meta: dict, width: int) -> list[tuple[str, int, tuple]]:
 
 def expected_keys(meta: dict, width: int) -> dict[str, tuple]:
     keys = {}
-    for kind, pos, shapes in layers(meta, width):
+    for _kind, pos, shapes in layers(meta, width):
         if shapes:
             keys[f"linear.{pos}.weight"], keys[f"linear.{pos}.bias"] = shapes
     return keys

@@ -70,6 +70,8 @@ class Structure:
                                  f"({len(ls)})")
             if any(not isinstance(p, (int, float)) or isinstance(p, bool) or not (p == 0 or 0 < p < 1) for p in ds):
                 raise ValueError(f"the dropout structure {_text(ds)} must hold 0 or probabilities between 0 and 1")
+            if not any(ds):  # all zeros is no dropout: one form, so equal structures compare equal
+                object.__setattr__(self, "dropout_structure", None)
 
     @property
     def dropouts(self) -> tuple[float, ...]:
