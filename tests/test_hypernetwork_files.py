@@ -246,3 +246,27 @@ def test_a_wrong_suffix_is_refused_before_writing(tmp_path):
     with pytest.raises(UserError, match=r"must end in \.pt or \.safetensors"):
         files.save(new_hypernetwork([8], Structure(), seed=0), tmp_path / "h.ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_lines_count_the_parameters_and_name_dead_widths():
+    from sdtune.hypernetwork.spec import plan_lines, resolve_widths
+
+    sd1 = {320, 640, 1280, 768}
+    widths = resolve_widths(None, sd1)
+    assert widths == (320, 640, 768, 1280)
+    (line,) = plan_lines(Structure(), widths, sd1)
+    assert "21,939,840 parameters, 83.7 MiB in float32" in line and "1, 2, 1, linear" in line
+    lines = plan_lines(Structure(), resolve_widths([768, 320, 640, 1024, 1280], {320, 640, 1280, 1024}),
+                       {320, 640, 1280, 1024})
+    assert "30,334,592 parameters" in lines[0]  # all five widths
+    assert lines[1].startswith("note: no attention layer of this model has context width 768:")
+
+
+def test_base_checkpoint_fields_are_the_web_uis_short_hash(tmp_path):
+    import hashlib
+
+    model = tmp_path / "my-model.safetensors"
+    model.write_bytes(bytes(range(256)) * 5000)
+    assert files.base_checkpoint_fields(model) == {"sd_checkpoint": hashlib.sha256(model.read_bytes()).hexdigest()[:10],
+                                                   "sd_checkpoint_name": "my-model"}
+    assert files.base_checkpoint_fields(tmp_path) == {"sd_checkpoint": None, "sd_checkpoint_name": None}

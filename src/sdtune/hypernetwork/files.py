@@ -266,3 +266,20 @@ def _is_plain(value) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
     return isinstance(value, _PLAIN)
+
+
+def base_checkpoint_fields(model_path: str | Path) -> dict[str, str | None]:
+    """`sd_checkpoint` and `sd_checkpoint_name` for a hypernetwork trained on `model_path`: the web UI's
+    short hash (the first 10 hex digits of the SHA-256 of the whole file) and the file's stem; None
+    for both when the model is not a single local file (a Diffusers folder, a hub id). Informational:
+    the web UI shows them, no loader checks them."""
+    import hashlib
+
+    path = Path(model_path)
+    if not path.is_file():
+        return {"sd_checkpoint": None, "sd_checkpoint_name": None}
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"sd_checkpoint": digest.hexdigest()[:10], "sd_checkpoint_name": path.stem}

@@ -188,3 +188,24 @@ def check_widths(widths, where: str) -> tuple[int, ...]:
 
 def _text(numbers) -> str:
     return ", ".join(str(x) for x in numbers)
+
+
+def resolve_widths(enable_sizes, model_widths) -> tuple[int, ...]:
+    """The widths of a new hypernetwork: `--hypernetwork_enable_sizes` in the order given, else the
+    model's attention widths."""
+    return tuple(enable_sizes) if enable_sizes else default_widths(model_widths)
+
+
+def plan_lines(structure: Structure, widths, model_widths) -> list[str]:
+    """What `--dry_run` says about a hypernetwork: structure, widths, size; and widths that would never act."""
+    count = sum(2 * structure.parameter_count(w) for w in widths)
+    mib = count * 4 / 2**20
+    lines = [f"hypernetwork: {structure.describe()}; K/V pairs for widths {_text(widths)}; {count:,} parameters, "
+             f"{mib:.1f} MiB in float32 (about {4 * mib:.0f} MiB while training with AdamW: weights, gradients "
+             "and two moments); the U-Net and text encoder stay frozen"]
+    unused = [w for w in widths if w not in set(model_widths)]
+    if unused:
+        lines.append(f"note: no attention layer of this model has context width {_text(unused)}: "
+                     f"{'that module pair is' if len(unused) == 1 else 'those module pairs are'} saved but never act "
+                     f"(the model's widths: {_text(sorted(set(model_widths)))})")
+    return lines
