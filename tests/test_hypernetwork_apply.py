@@ -148,6 +148,19 @@ def test_fused_projections_are_refused(unet):
         apply.attach(fused, new_hypernetwork([16], Structure(), seed=0))
 
 
+def test_the_gpu_processors_form_keys_and_values_where_the_hooks_sit():
+    """xformers needs CUDA, so on a CPU its processor cannot run: its source must at least compute
+    the keys and values through the hooked projections, from the context, as the others do."""
+    import inspect
+
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    for processor in (XFormersAttnProcessor, AttnProcessor2_0, AttnProcessor, SlicedAttnProcessor):
+        source = inspect.getsource(processor.__call__)
+        assert "attn.to_k(encoder_hidden_states" in source and "attn.to_v(encoder_hidden_states" in source
+        assert "encoder_hidden_states = hidden_states" in source  # self-attention: the context is the input
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers and the memory-efficient SDPA kernel need CUDA")
 def test_gpu_backends_apply_it(unet):
     from torch.nn.attention import SDPBackend, sdpa_kernel
