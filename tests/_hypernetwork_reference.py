@@ -109,3 +109,22 @@ class ReferenceProcessor:
         weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
         out = (weights @ v).transpose(1, 2).reshape(b, x.shape[1], -1)
         return linear(attn.to_out[0], out).to(hidden_states.dtype)
+
+
+def comfyui_mlp(state: dict, obj: dict):
+    """f(x) of one module by ComfyUI's rule: a Linear per `*.weight` key, in the dict's order, its
+    shape from the tensor; the activation after each but the last (after the last too with
+    `activate_output`, which it reads as False when missing). For files without LayerNorm and
+    dropout, which it places differently."""
+    act = obj.get("activation_func", "linear")
+    assert act in ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish")
+    names = [k[:-len(".weight")] for k in state if k.endswith(".weight")]
+
+    def f(x):
+        for i, name in enumerate(names):
+            x = x @ state[name + ".weight"].double().T + state[name + ".bias"].double()
+            if act != "linear" and (i < len(names) - 1 or obj.get("activate_output", False)):
+                x = ACTIVATIONS[act](x)
+        return x
+
+    return f

@@ -270,3 +270,18 @@ def test_base_checkpoint_fields_are_the_web_uis_short_hash(tmp_path):
     assert files.base_checkpoint_fields(model) == {"sd_checkpoint": hashlib.sha256(model.read_bytes()).hexdigest()[:10],
                                                    "sd_checkpoint_name": "my-model"}
     assert files.base_checkpoint_fields(tmp_path) == {"sd_checkpoint": None, "sd_checkpoint_name": None}
+
+
+@pytest.mark.parametrize("structure", [Structure(), Structure(activation_func="relu"),
+                                       Structure(layer_structure=(1, 2, 2, 1), activation_func="mish",
+                                                 activate_output=True)], ids=["nai", "relu", "deep-mish-activated"])
+def test_the_web_ui_and_comfyui_rules_read_our_file_alike(structure, tmp_path):
+    from _hypernetwork_reference import comfyui_mlp
+
+    hn = new_hypernetwork([8], structure, seed=7)
+    obj = torch.load(files.save(hn, tmp_path / "h.pt"), weights_only=True)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    for index in (0, 1):
+        web_ui = mlp(obj[8][index], meta_of(obj), 8)(x)
+        assert torch.allclose(comfyui_mlp(obj[8][index], obj)(x), web_ui, atol=1e-12)
+        assert torch.allclose(hn.pair(8)[index].linear(x.float()).double(), web_ui, atol=1e-6)
