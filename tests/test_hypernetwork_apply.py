@@ -183,3 +183,23 @@ def test_gpu_backends_apply_it(unet):
             outputs.append(run(gpu, *x))
     for out in outputs:
         assert (out - base).abs().max() > 1e-2 and torch.allclose(out, outputs[0], atol=2e-3)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sd2-v"])
+def test_the_widths_read_from_a_config_are_the_models(family):
+    """--dry_run loads no model: it reads the widths from the family's U-Net config."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from sdtune.families import get_family
+    from sdtune.hypernetwork.spec import attention_widths_from_config
+    from sdtune.testing import tiny_config
+
+    real = json.loads((get_family(family).asset_dir / "unet" / "config.json").read_text())
+    with torch.device("meta"):  # the full-size U-Net's layers without its memory
+        full_size = UNet2DConditionModel.from_config(real)
+    assert attention_widths_from_config(real) == apply.attention_widths(full_size) == (
+        {320, 640, 1280, 768} if family == "sd1" else {320, 640, 1280, 1024})
+    tiny = tiny_config(family, "unet")
+    assert attention_widths_from_config(tiny) == apply.attention_widths(UNet2DConditionModel.from_config(tiny))

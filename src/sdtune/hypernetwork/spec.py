@@ -190,6 +190,18 @@ def _text(numbers) -> str:
     return ", ".join(str(x) for x in numbers)
 
 
+def attention_widths_from_config(config: dict) -> set[int]:
+    """The context widths of a diffusers U-Net's attention layers, from its config alone (for
+    `--dry_run`, which loads no model): the channels of the blocks with attention (self-attention)
+    and `cross_attention_dim` (cross-attention)."""
+    channels = list(config["block_out_channels"])
+    widths = {c for c, kind in zip(channels, config["down_block_types"]) if "CrossAttn" in kind}
+    widths |= {c for c, kind in zip(reversed(channels), config["up_block_types"]) if "CrossAttn" in kind}
+    if "CrossAttn" in (config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"):
+        widths.add(channels[-1])
+    return widths | {int(config["cross_attention_dim"])}
+
+
 def resolve_widths(enable_sizes, model_widths) -> tuple[int, ...]:
     """The widths of a new hypernetwork: `--hypernetwork_enable_sizes` in the order given, else the
     model's attention widths."""
