@@ -217,7 +217,8 @@ def plan_lines(structure: Structure, widths, model_widths) -> list[str]:
              "and two moments); the U-Net and text encoder stay frozen"]
     unused = [w for w in widths if w not in set(model_widths)]
     if unused:
-        lines.append(f"note: no attention layer of this model has context width {_text(unused)}: "
-                     f"{'that module pair is' if len(unused) == 1 else 'those module pairs are'} saved but never act "
+        what = "that module pair is saved but never acts" if len(unused) == 1 else \
+            "those module pairs are saved but never act"
+        lines.append(f"note: no attention layer of this model has context width {_text(unused)}: {what} "
                      f"(the model's widths: {_text(sorted(set(model_widths)))})")
     return lines
