@@ -28,7 +28,7 @@ def sdtune_seconds(root: Path, steps: int, batch: int, resolution: int) -> float
     from sdtune.cli import build_parser
     from sdtune.console import quiet_libraries
     from sdtune.train.command import options_from_args
-    from sdtune.train.loop import train
+    from sdtune.train.trainer import train
 
     quiet_libraries()
     args = build_parser("train").parse_args([

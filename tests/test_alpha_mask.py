@@ -80,7 +80,7 @@ def test_masks_from_alpha_cached_and_uncached_agree(data, tiny):
     tmp_path, alphas = data
     plan = build_plan(_opts(tmp_path, cache_latents_to_disk=True, flip_aug=True), seed=0)
     uncached = _batch(plan, flips=(False, True, False))
-    mask = uncached["loss_mask"]
+    mask = uncached.loss_mask
     assert mask.shape == (3, 1, 8, 8) and mask.dtype == torch.float32
     torch.testing.assert_close(mask[0, 0], _blocks(alphas["a"]), rtol=0, atol=1e-6)
     torch.testing.assert_close(mask[1, 0], _blocks(alphas["b"][:, ::-1].copy()), rtol=0, atol=0)  # flipped with the image
@@ -88,9 +88,9 @@ def test_masks_from_alpha_cached_and_uncached_agree(data, tiny):
     vae = tiny.vae
     cache = ensure_latent_cache(plan, vae, log=lambda m: None, progress=False)
     cached = _batch(cache.plan, cache, flips=(False, True, False))
-    assert torch.equal(cached["loss_mask"], mask)
+    assert torch.equal(cached.loss_mask, mask)
     memory = ensure_latent_cache(plan, vae, to_disk=False, log=lambda m: None, progress=False)
-    assert torch.equal(_batch(memory.plan, memory, flips=(False, True, False))["loss_mask"], mask)
+    assert torch.equal(_batch(memory.plan, memory, flips=(False, True, False)).loss_mask, mask)
 
 
 def test_cache_is_keyed_on_the_mask(data, tiny):
@@ -128,7 +128,7 @@ def test_masked_loss_equals_sd_scripts_formula(tiny):
 
 def test_transparent_half_gets_no_gradient(data, tiny):
     tmp_path, _alphas = data
-    mask = _batch(build_plan(_opts(tmp_path), seed=0))["loss_mask"][1:2]  # b.png: left half transparent
+    mask = _batch(build_plan(_opts(tmp_path), seed=0)).loss_mask[1:2]  # b.png: left half transparent
     assert torch.equal(mask[0, 0, :, :4], torch.zeros(8, 4)) and torch.equal(mask[0, 0, :, 4:], torch.ones(8, 4))
     objective = DiffusionObjective.from_options(SimpleNamespace(), tiny.scheduler_config, "epsilon")
     pred = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
@@ -155,7 +155,7 @@ def test_subset_key_and_flag_precedence(data, tmp_path):
     second = next(s for s in plan.samples if s.subset == 1)
     spec = BatchSpec(epoch=0, position=0, number=0, dataset=0, bucket=(64, 64), indices=[second.index], flips=[False],
                      crop_seeds=[None], color_seeds=[None])
-    assert torch.equal(BatchDataset(plan)[spec]["loss_mask"], torch.ones(1, 1, 8, 8))  # its subset has no mask
+    assert torch.equal(BatchDataset(plan)[spec].loss_mask, torch.ones(1, 1, 8, 8))  # its subset has no mask
     no_key = _opts(root, alpha_mask=True)
     assert [s.alpha_mask for s in dataset_specs(no_key)[0].subsets] == [True]  # the flag alone
 
@@ -166,7 +166,7 @@ def test_transparent_images_train_nothing_end_to_end(tmp_path):
     from sdtune.cli import build_parser
     from sdtune.testing import write_tiny_model
     from sdtune.train.command import options_from_args
-    from sdtune.train.loop import train
+    from sdtune.train.trainer import train
 
     model = write_tiny_model(tmp_path / "m.safetensors", "sd1", seed=0)
     (tmp_path / "img").mkdir()
@@ -204,7 +204,7 @@ def test_prepare_buckets_latents_alpha_mask_caches_the_masks(data, capsys):
     from sdtune.data.prepared import apply_prepared
 
     lat = json.loads((tmp_path / "lat.json").read_text())
-    assert all(v["sdtune_latents"]["alpha_mask"] is True for v in lat.values())
+    assert all(v["sdtune_latents"].alpha_mask is True for v in lat.values())
     opts, notes = apply_prepared(DatasetOptions(in_json=str(tmp_path / "lat.json"), train_data_dir=str(tmp_path / "img")),
                                  default_resolution=512)
     assert opts.alpha_mask and opts.cache_latents_to_disk
@@ -212,6 +212,6 @@ def test_prepare_buckets_latents_alpha_mask_caches_the_masks(data, capsys):
     cache = tmp_path / "img" / ".sdtune-cache"
     entries = {p.name.split(".png.")[0]: load_file(str(p)) for p in cache.glob("*.safetensors")}
     assert sorted(entries) == ["a", "b", "c"]
-    torch.testing.assert_close(entries["a"]["mask"], _blocks(alphas["a"]), rtol=0, atol=1e-6)
-    torch.testing.assert_close(entries["b"]["mask"], _blocks(alphas["b"]), rtol=0, atol=0)
-    assert torch.equal(entries["c"]["mask"], torch.ones(8, 8))
+    torch.testing.assert_close(entries["a"].mask, _blocks(alphas["a"]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(entries["b"].mask, _blocks(alphas["b"]), rtol=0, atol=0)
+    assert torch.equal(entries["c"].mask, torch.ones(8, 8))

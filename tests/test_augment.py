@@ -47,7 +47,7 @@ def images(plan, seed: int, epochs: int) -> list[tuple[int, np.ndarray]]:
     for epoch in range(1, epochs + 1):
         sampler.set_epoch(epoch)
         for batch in make_loader(plan, sampler):
-            for index, tensor in zip(batch["indices"], batch["images"]):
+            for index, tensor in zip(batch.indices, batch.images):
                 pixels = np.rint((tensor.numpy().transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8)
                 out.append((int(index), pixels))
     return out

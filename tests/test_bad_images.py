@@ -54,7 +54,7 @@ def test_a_damaged_image_is_reported_once_and_counted(ws, tmp_path, capsys, recw
 
     summary = json.loads((tmp_path / "out" / "N-train_summary.json").read_text())
     assert [Path(s["path"]).name for s in summary["skipped_images"]] == [BAD]
-    assert summary["skipped_images"][0]["reason"].startswith("cannot be decoded")
+    assert summary["skipped_images"][0].reason.startswith("cannot be decoded")
     # 2 images, batch 1: 2 batches per epoch, 2 epochs; the damaged image's batch is left out of both
     assert summary["steps"] == 2
 
@@ -87,7 +87,7 @@ def test_a_failed_sample_is_not_decoded_again(ws):
     dataset = BatchDataset(plan)
     failures = LoadFailures(plan, dataset)
     batch = dataset[spec]
-    assert batch["indices"] == [] and [i for i, _r in batch["failed"]] == [bad]
+    assert batch.indices == [] and [i for i, _r in batch.failed] == [bad]
     assert failures.admit(batch) is False and len(failures.skipped) == 1
     assert failures.admit(dataset[spec]) is False and len(failures.skipped) == 1  # counted once
 
@@ -95,5 +95,5 @@ def test_a_failed_sample_is_not_decoded_again(ws):
     copy.mkdir(exist_ok=True)
     Image.new("RGB", (96, 64)).save(copy / BAD)
     plan.samples[bad] = dataclasses.replace(plan.samples[bad], path=str(copy / BAD))
-    assert dataset[spec]["indices"] == [] and dataset[spec]["failed"] == []  # not opened
-    assert BatchDataset(plan)[spec]["indices"] == [bad]  # a fresh loader does open it
+    assert dataset[spec].indices == [] and dataset[spec].failed == []  # not opened
+    assert BatchDataset(plan)[spec].indices == [bad]  # a fresh loader does open it

@@ -102,11 +102,11 @@ def test_loader_with_spawned_workers(folder):
     assert len(got) == len(expected)
     for spec, batch in zip(expected, got):
         w, h = spec.bucket
-        assert batch["images"].shape == (len(spec.indices), 3, h, w) and batch["bucket"] == (w, h)
-        assert batch["indices"] == list(spec.indices) and batch["flipped"] == list(spec.flips)
-        assert batch["captions"] == [f"image {i}" for i in spec.indices]
-        assert batch["tags"] == [f"tag{i}" for i in spec.indices]
-        assert batch["caption_options"][0]["caption_separator"] == ","
+        assert batch.images.shape == (len(spec.indices), 3, h, w) and batch.bucket == (w, h)
+        assert batch.indices == list(spec.indices) and batch.flipped == list(spec.flips)
+        assert batch.captions == [f"image {i}" for i in spec.indices]
+        assert batch.tags == [f"tag{i}" for i in spec.indices]
+        assert batch.caption_options[0]["caption_separator"] == ","
         for row, i in enumerate(spec.indices):  # the red channel encodes the image number
             red = (i * 10 % 256) / 127.5 - 1
-            assert abs(batch["images"][row, 0].mean().item() - red) < 1e-5
+            assert abs(batch.images[row, 0].mean().item() - red) < 1e-5

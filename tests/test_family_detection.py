@@ -96,7 +96,7 @@ def test_a_diffusers_folder_and_a_ckpt_read_the_same_without_loading(ws, tmp_pat
 @pytest.mark.slow
 def test_training_builds_the_plan_once_at_the_detected_family_resolution(ws, tmp_path, monkeypatch, name, expected):
     import sdtune.data
-    from sdtune.train.loop import _model_and_plan
+    from sdtune.train.build import model_and_plan as _model_and_plan
     from sdtune.train.options import TrainOptions
 
     calls = []

@@ -210,7 +210,7 @@ def ws(tmp_path_factory):
 def train_run(ws: Path, out: Path, *extra: str):
     from sdtune.cli import build_parser
     from sdtune.train.command import options_from_args
-    from sdtune.train.loop import train
+    from sdtune.train.trainer import train
 
     args = ["train", "--pretrained_model_name_or_path", str(ws / "model"), "--in_json", str(ws / "meta.json"),
             "--train_data_dir", str(ws / "data"), "--output_dir", str(out), "--output_name", "N", "--resolution", "64",

@@ -37,7 +37,7 @@ def _train(argv: list[str]):
     """The real command-line parsing, then the loop, for its TrainResult."""
     from sdtune.cli import build_parser
     from sdtune.train.command import options_from_args
-    from sdtune.train.loop import train
+    from sdtune.train.trainer import train
 
     return train(options_from_args(build_parser("train").parse_args(["train", *argv])))
 

@@ -49,7 +49,7 @@ def options(*argv: str) -> TrainOptions:
 
 
 def run(ws: Path, out: Path, *extra: str):
-    from sdtune.train.loop import train
+    from sdtune.train.trainer import train
 
     return train(options(*base(ws, out), *extra))
 

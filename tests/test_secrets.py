@@ -87,7 +87,7 @@ def test_summary_and_tracker_config_drop_declared_secrets(tmp_path):
 
 def test_wandb_run_name_and_api_key_reach_wandb_init(tmp_path):
     """What the run hands to wandb.init (wandb is optional, and a test has no network)."""
-    from sdtune.train.loop import _tracker_init
+    from sdtune.train.build import tracker_init as _tracker_init
 
     tracker = tmp_path / "t.toml"
     tracker.write_text('[wandb]\nentity = "me"\n')

@@ -258,7 +258,7 @@ def run(ws: Path, out: Path, *extra: str):
     """The real `sdtune train` parser and option validation, then the loop; returns its TrainResult."""
     from sdtune.cli import build_parser
     from sdtune.train.command import options_from_args
-    from sdtune.train.loop import train
+    from sdtune.train.trainer import train
 
     args = build_parser("train").parse_args(["train", *base_args(ws, out), *extra])
     return train(options_from_args(args))

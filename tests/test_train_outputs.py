@@ -37,7 +37,7 @@ def _train(argv: list[str]):
     """The real command-line parsing, then the loop, for its TrainResult."""
     from sdtune.cli import build_parser
     from sdtune.train.command import options_from_args
-    from sdtune.train.loop import train
+    from sdtune.train.trainer import train
 
     return train(options_from_args(build_parser("train").parse_args(argv)))
 
@@ -220,25 +220,28 @@ def test_validation_loss_follows_the_weights(ws, tmp_path):
     from sdtune.text import TextConditioner
     from sdtune.train.noise import DiffusionObjective
     from sdtune.train.options import TrainOptions
+    from sdtune.train.predict import Predictor
     from sdtune.train.validation import Validator, split_plan
 
     opts = TrainOptions(pretrained_model_name_or_path="x", output_dir=str(tmp_path), in_json=str(ws / "meta.json"),
                         train_data_dir=str(ws / "data"), resolution="64")
     model = checkpoint.load_model(str(ws / "model.safetensors"), dtype=torch.float32, verbose=False)
     _plan, held = split_plan(build_plan(opts, seed=0), 0.5, 0)
-    v = Validator(_plan, held, DiffusionObjective.from_options(opts, model.scheduler_config, "epsilon"), seed=0)
+    objective = DiffusionObjective.from_options(opts, model.scheduler_config, "epsilon")
+    v = Validator(_plan, held, objective, seed=0)
+    predictor = Predictor(objective)
     v.encode_images(model.vae, "cpu", model.vae.config.scaling_factor, progress=False)
     v.encode_captions(TextConditioner(model.tokenizer, model.text_encoder, model.family).encode)
-    before = v.loss(model.unet)
+    before = v.loss(predictor, model.unet)
     weight = model.unet.conv_out.bias
     with torch.no_grad():
         weight += 0.1
-    changed = v.loss(model.unet)
+    changed = v.loss(predictor, model.unet)
     with torch.no_grad():
         weight -= 0.1
     assert changed != before and abs(changed - before) > 1e-4
     model.unet.train()
-    again = v.loss(model.unet)
+    again = v.loss(predictor, model.unet)
     assert model.unet.training  # validation leaves the training mode as it found it
     assert again == pytest.approx(before, rel=1e-6)
 

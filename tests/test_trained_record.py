@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # see co
 def _train(argv: list[str]):
     from sdtune.cli import build_parser
     from sdtune.train.command import options_from_args
-    from sdtune.train.loop import train
+    from sdtune.train.trainer import train
 
     return train(options_from_args(build_parser("train").parse_args(argv)))
 

@@ -36,3 +36,14 @@ class SDModel:
         config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
         config["prediction_type"] = self.family.prediction_type
         return DDPMScheduler.from_config(config)
+
+
+def denoise(model, noisy, timesteps, cond):
+    """The one call of the U-Net: its output for noisy latents at `timesteps` under the conditioning `cond`.
+
+    Training, validation, sampling and the family probe all come here, so a model with extra inputs
+    or a wrapper (DDP, a training target's module, e.g. a U-Net with a hypernetwork) is handled in
+    one place. `model` is a diffusers-style denoiser whose output has `.sample`; the caller chooses
+    the precision context.
+    """
+    return model(noisy, timesteps, encoder_hidden_states=cond).sample

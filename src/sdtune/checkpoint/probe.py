@@ -40,9 +40,11 @@ def run_probe(unet) -> float:
     in the U-Net's dtype and on its device (the loader gives it a float32 one)."""
     import torch
 
+    from sdtune.model import denoise
+
     param = next(unet.parameters())
     with torch.no_grad():
         latent = torch.full((1, unet.config.in_channels, 8, 8), PROBE_VALUE, device=param.device, dtype=param.dtype)
         context = torch.full((1, 2, unet.config.cross_attention_dim), PROBE_VALUE, device=param.device, dtype=param.dtype)
-        output = unet(latent, torch.tensor([PROBE_TIMESTEP], device=param.device), context).sample
+        output = denoise(unet, latent, torch.tensor([PROBE_TIMESTEP], device=param.device), context)
     return mean_offset(output, latent)

@@ -22,12 +22,12 @@ Public API for the trainer (plan, sampler and options import no torch):
     cache = ensure_latent_cache(plan, vae, device=..., dtype=None, rank=r, world_size=w)  # if options.caches_latents
     plan = cache.plan                                      # images that failed to decode are left out
     sampler = BucketBatchSampler(plan, seed=seed, rank=r, world_size=w)
-    loader = make_loader(plan, sampler, cache)             # cache=None: batches carry "images"
+    loader = make_loader(plan, sampler, cache)             # cache=None: batches carry images
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
-        for batch in loader:                               # batch["position"] + 1 is the resume point
-            latents = sample_latents(batch["latent_mean"], batch["latent_logvar"], generator) \
-                      * vae.config.scaling_factor          # or vae.encode(batch["images"]) ... the same pixels
+        for batch in loader:                               # a Batch; batch.position + 1 is the resume point
+            latents = sample_latents(batch.latent_mean, batch.latent_logvar, generator) \
+                      * vae.config.scaling_factor          # or vae.encode(batch.images) ... the same pixels
 
 Captions are not processed here: each batch carries the raw caption and tags and the subset's
 resolved caption options (a dict of sdtune.text's CaptionOptions keys).

@@ -1,24 +1,10 @@
 """Batches as tensors: the map-style dataset whose "index" is a `BatchSpec`, and the DataLoader.
 
-One DataLoader item is one whole batch (batch_size=None): the sampler decides the batch, a worker
-loads it. A batch is a dict:
-
-    latent_mean, latent_logvar   (B, C, H/8, W/8) float16   when latents are cached
-    images                        (B, 3, H, W) float32 in [-1, 1]   when they are not
-    loss_mask                     (B, 1, H/8, W/8) float32 in [0, 1]   when a subset has alpha_mask
-                                  (from the alpha channel; ones for images without one, or whose
-                                  subset has no alpha_mask), cached or not the same values
-    captions, tags                list[str | None]   raw text from the metadata (not processed)
-    caption_options               list[dict]   the subset's resolved caption keys, for sdtune.text
-    custom_attributes             list[dict | None]
-    subsets, indices              list[int]    subset and stable sample index of each row
-    flipped                       list[bool]
-    bucket                        (width, height)
-    epoch, position               the batch's place, for exact resume
-    failed                        list[(index, reason)]   samples of this batch that failed to load
+One DataLoader item is one whole batch (batch_size=None), a `Batch`: the sampler decides the batch,
+a worker loads it.
 
 A sample that fails to load (a corrupt image or cache entry) is dropped from its batch and listed
-in "failed"; the trainer reports it once, counts it and stops under --strict (`sdtune.data.failures`).
+in `failed`; the trainer reports it once, counts it and stops under --strict (`sdtune.data.failures`).
 The dataset itself neither warns nor raises: it may run in a worker process, whose warnings would
 land inside the progress bar and whose exceptions reach the trainer wrapped in a traceback.
 Spawn-safe: the dataset holds only plain data (paths, numbers, dicts), no open files, lambdas or modules.
@@ -27,10 +13,39 @@ Spawn-safe: the dataset holds only plain data (paths, numbers, dicts), no open f
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from sdtune.data.images import BadImage, prepare_sample
 from sdtune.data.plan import DatasetPlan
 from sdtune.data.sampler import BatchSpec, BucketBatchSampler
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Batch:
+    """One batch of one bucket, as the loader gives it; rows are the samples that loaded."""
+
+    bucket: tuple[int, int]  # (width, height) in pixels
+    epoch: int
+    position: int  # the batch's index in its epoch on this process: the resume point is position + 1
+    indices: list[int] = field(default_factory=list)  # stable sample index of each row
+    subsets: list[int] = field(default_factory=list)
+    captions: list[str | None] = field(default_factory=list)  # raw text from the metadata (not processed)
+    tags: list[str | None] = field(default_factory=list)
+    caption_options: list[dict[str, Any]] = field(default_factory=list)  # the subset's resolved caption keys
+    custom_attributes: list[dict | None] = field(default_factory=list)
+    flipped: list[bool] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (index, reason) of samples that did not load
+    latent_mean: "torch.Tensor | None" = None  # (B, C, H/8, W/8) float16, when latents are cached
+    latent_logvar: "torch.Tensor | None" = None
+    images: "torch.Tensor | None" = None  # (B, 3, H, W) float32 in [-1, 1], when they are not
+    # (B, 1, H/8, W/8) float32 in [0, 1] when a subset has alpha_mask: from the alpha channel; ones for
+    # images without one or whose subset has no alpha_mask; the same values cached or not
+    loss_mask: "torch.Tensor | None" = None
+
 
 try:  # the base class only matters when torch is there; the module stays importable without it
     from torch.utils.data import Dataset as _Base
@@ -64,7 +79,7 @@ class BatchDataset(_Base):
             raise ValueError("no latent cache entry (the image failed to encode)")
         return load_entry_with_mask(self.paths[key], bucket)
 
-    def __getitem__(self, spec: BatchSpec) -> dict:
+    def __getitem__(self, spec: BatchSpec) -> Batch:
         import numpy as np
         import torch
 
@@ -95,23 +110,19 @@ class BatchDataset(_Base):
                 failed.append((i, exc.reason if isinstance(exc, BadImage) else str(exc)))
                 continue
             rows.append((slot, s, sub))
-        batch = {
-            "captions": [s.caption for _k, s, _u in rows],
-            "tags": [s.tags for _k, s, _u in rows],
-            "caption_options": [sub.caption_options for _k, _s, sub in rows],
-            "custom_attributes": [sub.custom_attributes for _k, _s, sub in rows],
-            "subsets": [s.subset for _k, s, _u in rows],
-            "indices": [s.index for _k, s, _u in rows],
-            "flipped": [spec.flips[k] for k, _s, _u in rows],
-            "bucket": spec.bucket, "epoch": spec.epoch, "position": spec.position, "failed": failed,
-        }
+        batch = Batch(bucket=spec.bucket, epoch=spec.epoch, position=spec.position, failed=failed,
+                      captions=[s.caption for _k, s, _u in rows], tags=[s.tags for _k, s, _u in rows],
+                      caption_options=[sub.caption_options for _k, _s, sub in rows],
+                      custom_attributes=[sub.custom_attributes for _k, _s, sub in rows],
+                      subsets=[s.subset for _k, s, _u in rows], indices=[s.index for _k, s, _u in rows],
+                      flipped=[spec.flips[k] for k, _s, _u in rows])
         if cached and rows:
-            batch["latent_mean"] = torch.stack(means)
-            batch["latent_logvar"] = torch.stack(logvars)
+            batch.latent_mean = torch.stack(means)
+            batch.latent_logvar = torch.stack(logvars)
         elif rows:
-            batch["images"] = torch.from_numpy(np.stack(images))
+            batch.images = torch.from_numpy(np.stack(images))
         if self.masked and rows:
-            batch["loss_mask"] = torch.stack(masks).unsqueeze(1)
+            batch.loss_mask = torch.stack(masks).unsqueeze(1)
         return batch
 
 
@@ -125,7 +136,7 @@ def make_loader(plan: DatasetPlan, sampler: BucketBatchSampler, cache=None, *, n
     """
     from torch.utils.data import DataLoader
 
-    opts = plan.options
+    opts = plan.loading
     workers = opts.max_data_loader_n_workers if num_workers is None else num_workers
     # sd-scripts' default is 8 workers; more processes than cores only adds start-up time and memory.
     workers = min(workers, os.cpu_count() or 1)

@@ -45,8 +45,8 @@ class LoadFailures:
         """Whether to train on `batch`: not when it came empty, or when, with several processes, any
         process's batch at this position did. With several processes this is a collective: every
         process calls it for each of its batches, in order."""
-        mine = [(i, r) for i, r in batch.get("failed", ()) if i not in self._found]
-        empty = not batch["indices"]
+        mine = [(i, r) for i, r in batch.failed if i not in self._found]
+        empty = not batch.indices
         if accelerator is not None and accelerator.num_processes > 1:
             import torch
 

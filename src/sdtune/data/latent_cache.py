@@ -253,7 +253,7 @@ def _valid(path: Path, key: str, bucket: tuple[int, int], mask: bool = False) ->
 def _plan_entries(plan: DatasetPlan, vae_id: str, dtype: str, to_disk: bool, hashes: _FileHashes,
                   rank: int, world_size: int, check: bool) -> tuple[list[Entry], list[Entry], dict[int, str]]:
     """(reusable, to encode, failures) for this rank's share of the entries."""
-    opts = plan.options
+    opts = plan.loading
     wanted = [(s, flip) for s in plan.active for flip in ((False, True) if plan.subsets[s.subset].flip_aug else (False,))]
     wanted.sort(key=lambda e: (e[0].bucket, e[0].path, e[1]))
     mine = wanted[rank::world_size]
@@ -308,7 +308,7 @@ def ensure_latent_cache(plan: DatasetPlan, vae, *, device="cpu", dtype=None, to_
     """
     import torch
 
-    opts = plan.options
+    opts = plan.loading
     log = log or note
     to_disk = opts.cache_latents_to_disk if to_disk is None else to_disk
     device = torch.device(device)
@@ -503,7 +503,7 @@ def sample_latents(mean, logvar, generator=None):
 
 def cache_plan_summary(plan: DatasetPlan) -> str:
     """What caching would do, for --dry_run: entries needed and files already present (no VAE, no torch)."""
-    opts = plan.options
+    opts = plan.loading
     if not opts.caches_latents:
         return "latent cache: off (the VAE encodes each batch during training)"
     entries = sum(2 if plan.subsets[s.subset].flip_aug else 1 for s in plan.active)

@@ -7,6 +7,7 @@ precedence (subset > dataset > general > command line > default, see `toml_confi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import field_validator, model_validator
@@ -148,3 +149,28 @@ class DatasetOptions(Options):
 
     def caption_options(self) -> dict:
         return {key: getattr(self, key) for key in CAPTION_KEYS}
+
+    def loading(self) -> "LoadingOptions":
+        return LoadingOptions(source=str(self.dataset_config or self.in_json), strict=self.strict,
+                              caches_latents=self.caches_latents, cache_latents_to_disk=self.cache_latents_to_disk,
+                              cache_dir=self.cache_dir, vae_batch_size=self.vae_batch_size,
+                              no_half_vae=self.no_half_vae, skip_cache_check=self.skip_cache_check,
+                              max_data_loader_n_workers=self.max_data_loader_n_workers,
+                              persistent_data_loader_workers=self.persistent_data_loader_workers)
+
+
+@dataclass(frozen=True)
+class LoadingOptions:
+    """What a planned dataset's loader and latent cache need of the options: the plan carries this,
+    not the whole options object. Fields keep the options' names and meanings."""
+
+    source: str  # the dataset config or metadata file, for messages
+    strict: bool
+    caches_latents: bool
+    cache_latents_to_disk: bool
+    cache_dir: str | None
+    vae_batch_size: int
+    no_half_vae: bool
+    skip_cache_check: bool
+    max_data_loader_n_workers: int
+    persistent_data_loader_workers: bool

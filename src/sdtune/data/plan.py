@@ -16,7 +16,7 @@ from sdtune.console import plural
 from sdtune.data.buckets import BucketRule, Size
 from sdtune.data.images import BadImage, read_size
 from sdtune.data.metadata import load_records
-from sdtune.data.options import DatasetOptions
+from sdtune.data.options import DatasetOptions, LoadingOptions
 from sdtune.data.prepared import RECORDED, all_recorded, recorded_geometry
 from sdtune.data.toml_config import DatasetSpec, SubsetSpec, dataset_specs
 from sdtune.errors import UserError
@@ -43,7 +43,7 @@ class DatasetPlan:
     subsets: list[SubsetSpec]
     samples: list[Sample]
     seed: int
-    options: DatasetOptions
+    loading: LoadingOptions
     # Images left out, with the reason: unreadable, too small, failed to encode.
     skipped: list[tuple[str, str]] = field(default_factory=list)
     excluded: set[int] = field(default_factory=set)
@@ -93,7 +93,7 @@ class DatasetPlan:
                 f"{plural(len(self.groups()), 'bucket')}, but one optimizer step needs batch size {batch} x "
                 f"{plural(num_processes, 'process')} x {plural(gradient_accumulation_steps, 'accumulation step')} "
                 f"= {need}",
-                where=str(self.options.dataset_config or self.options.in_json),
+                where=self.loading.source,
                 fix="Add images, raise num_repeats / --dataset_repeats, or lower the batch size, process count or "
                     "--gradient_accumulation_steps.")
 
@@ -223,7 +223,7 @@ def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | 
     if not samples:
         raise UserError("no usable images in the dataset", where=str(options.dataset_config or options.in_json),
                         fix="See the warnings above.")
-    return DatasetPlan(specs, subsets, samples, seed, options, skipped)
+    return DatasetPlan(specs, subsets, samples, seed, options.loading(), skipped)
 
 
 def skip_image(skipped: list, path: str, reason: str, strict: bool, warn) -> None:

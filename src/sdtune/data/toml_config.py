@@ -191,19 +191,7 @@ def _lookup(key: str, tables: list[dict], options: DatasetOptions, default: Any 
 
 def dataset_specs(options: DatasetOptions, *, default_resolution: int | Size | None = None) -> list[DatasetSpec]:
     """The datasets and subsets of a run, every key resolved by the precedence rules."""
-    if options.dataset_config:
-        where = str(options.dataset_config)
-        data = load_config_file(options.dataset_config)
-        config_dir = Path(options.dataset_config).resolve().parent
-    elif options.in_json:
-        where = "--in_json"
-        data = {"datasets": [{"subsets": [{"metadata_file": options.in_json, "image_dir": options.train_data_dir}]}]}
-        data["datasets"][0]["subsets"][0] = {k: v for k, v in data["datasets"][0]["subsets"][0].items() if v is not None}
-        config_dir = None
-    else:
-        raise UserError("no dataset given", where="--dataset_config",
-                        fix="Pass --dataset_config FILE.toml, or --in_json META.json with --train_data_dir DIR.")
-
+    where, data, config_dir = _read_config(options)
     top = {k: v for k, v in data.items()}
     general = top.pop("general", {}) or {}
     datasets = top.pop("datasets", None)
@@ -216,88 +204,115 @@ def dataset_specs(options: DatasetOptions, *, default_resolution: int | Size | N
     _refuse_unsupported(general, f"{where}: [general]")
     if not isinstance(datasets, list) or not datasets:
         raise UserError("no [[datasets]] tables", where=where, fix="Add [[datasets]] with [[datasets.subsets]].")
-
     specs: list[DatasetSpec] = []
-    subset_index = 0
     for d_index, dataset in enumerate(datasets):
-        d_where = f"{where}: datasets[{d_index}]"
-        if not isinstance(dataset, dict):
-            raise UserError("each [[datasets]] entry must be a table", where=d_where)
-        dataset = dict(dataset)
-        subsets = dataset.pop("subsets", None)
-        _check_table(dataset, {**SUBSET_ASCENDABLE, **DATASET_KEYS}, d_where, "dataset")
-        _refuse_unsupported(dataset, d_where)
-        if not isinstance(subsets, list) or not subsets:
-            raise UserError("dataset has no [[datasets.subsets]]", where=d_where,
-                            fix="Add a [[datasets.subsets]] table with metadata_file (and image_dir).")
-        d_tables = [dataset, general]
-        raw_res = _lookup("resolution", d_tables, options, default_resolution)
-        if raw_res is None:
-            raise UserError("no training resolution", where=f"{d_where}.resolution",
-                            fix="Set resolution in the dataset config or pass --resolution 512.")
-        resolution = parse_resolution(raw_res, f"{d_where}.resolution")
-        step = _lookup("bucket_reso_steps", d_tables, options)
-        min_reso = _lookup("min_bucket_reso", d_tables, options)
-        max_reso = _lookup("max_bucket_reso", d_tables, options)
-        enable_bucket = bool(_lookup("enable_bucket", d_tables, options))
-        no_upscale = bool(_lookup("bucket_no_upscale", d_tables, options))
-        if step % 8:
-            raise UserError(f"bucket_reso_steps = {step} is not a multiple of 8 (the VAE downsamples by 8)",
-                            where=f"{d_where}.bucket_reso_steps", fix="Use 64 (the default) or another multiple of 8.")
-        if enable_bucket and not no_upscale:
-            lo, hi = min_reso // step * step, -(-max_reso // step) * step
-            if lo == 0:  # sd-scripts rounds it down to 0 and then divides by the 0-wide bucket
-                raise UserError(f"min_bucket_reso = {min_reso} is below bucket_reso_steps = {step}: the smallest "
-                                "bucket side would be 0", where=f"{d_where}.min_bucket_reso",
-                                fix=f"Use a min_bucket_reso of at least {step}, or a smaller bucket_reso_steps.")
-            if min(resolution) < lo or max(resolution) > hi:
-                raise UserError(f"resolution {resolution[0]}x{resolution[1]} is outside the bucket sides {lo}..{hi}",
-                                where=f"{d_where}.resolution",
-                                fix="Lower min_bucket_reso or raise max_bucket_reso to include the resolution.")
+        first_subset = sum(len(d.subsets) for d in specs)
+        specs.append(_dataset_spec(dataset, d_index, f"{where}: datasets[{d_index}]", general, options,
+                                   default_resolution, config_dir, first_subset))
+    return specs
 
-        seen: set[Path] = set()
-        subset_specs = []
-        for s_index, subset in enumerate(subsets):
-            s_where = f"{d_where}.subsets[{s_index}]"
-            if not isinstance(subset, dict):
-                raise UserError("each [[datasets.subsets]] entry must be a table", where=s_where)
-            _check_table(subset, {**SUBSET_ASCENDABLE, **SUBSET_ONLY}, s_where, "subset")
-            _refuse_unsupported(subset, s_where)
-            if not subset.get("metadata_file"):
-                raise UserError("fine-tuning subsets need metadata_file", where=s_where,
-                                fix="Add metadata_file = \"meta.json\" (made by `sdtune merge`).")
-            s_tables = [subset, dataset, general]
-            metadata_file = _path(subset["metadata_file"], config_dir)
-            if metadata_file.resolve() in seen:
-                warnings.warn(f"{s_where}: metadata_file {metadata_file} is listed twice in this dataset; "
-                              "the duplicate subset is skipped (as sd-scripts does)", stacklevel=2)
-                continue
-            seen.add(metadata_file.resolve())
-            repeats = _lookup("num_repeats", s_tables, options, 1)
-            if repeats < 1:
-                warnings.warn(f"{s_where}: num_repeats = {repeats}, the subset is skipped", stacklevel=2)
-                continue
-            caption = {key: _lookup(key, s_tables, options) for key in CAPTION_KEYS}
-            subset_specs.append(SubsetSpec(
-                index=subset_index, dataset_index=d_index, metadata_file=metadata_file,
-                image_dir=_path(subset.get("image_dir"), config_dir), num_repeats=int(repeats),
-                flip_aug=bool(_lookup("flip_aug", s_tables, options)),
-                color_aug=bool(_lookup("color_aug", s_tables, options)),
-                random_crop=bool(_lookup("random_crop", s_tables, options)),
-                resize_interpolation=_lookup("resize_interpolation", s_tables, options),
-                caption_options=caption, custom_attributes=_lookup("custom_attributes", s_tables, options),
-                where=s_where, is_validation=bool(subset.get("is_validation", False)),
-                alpha_mask=bool(_lookup("alpha_mask", s_tables, options))))
-            subset_index += 1
-        if not subset_specs:
-            raise UserError("every subset of this dataset was skipped", where=d_where)
-        if all(s.is_validation for s in subset_specs):
-            raise UserError("every subset of this dataset is a validation subset: it has nothing to train on",
-                            where=d_where, fix="Add a training subset, or drop is_validation from one.")
-        specs.append(DatasetSpec(
-            index=d_index, resolution=resolution, batch_size=int(_lookup("batch_size", d_tables, options)),
-            enable_bucket=enable_bucket, min_bucket_reso=min_reso, max_bucket_reso=max_reso, bucket_reso_steps=step,
-            bucket_no_upscale=no_upscale, subsets=tuple(subset_specs), where=d_where,
-            validation_split=_lookup("validation_split", d_tables, options),
-            validation_seed=_lookup("validation_seed", d_tables, options)))
+
+def _read_config(options: DatasetOptions) -> tuple[str, dict[str, Any], Path | None]:
+    """(where, the config as a dict, the folder its relative paths start from)."""
+    if options.dataset_config:
+        where = str(options.dataset_config)
+        return where, load_config_file(options.dataset_config), Path(options.dataset_config).resolve().parent
+    if options.in_json:
+        subset = {k: v for k, v in (("metadata_file", options.in_json), ("image_dir", options.train_data_dir))
+                  if v is not None}
+        return "--in_json", {"datasets": [{"subsets": [subset]}]}, None
+    raise UserError("no dataset given", where="--dataset_config",
+                    fix="Pass --dataset_config FILE.toml, or --in_json META.json with --train_data_dir DIR.")
+
+
+def _dataset_spec(dataset: Any, d_index: int, d_where: str, general: dict[str, Any], options: DatasetOptions,
+                  default_resolution: int | Size | None, config_dir: Path | None, first_subset: int) -> DatasetSpec:
+    if not isinstance(dataset, dict):
+        raise UserError("each [[datasets]] entry must be a table", where=d_where)
+    dataset = dict(dataset)
+    subsets = dataset.pop("subsets", None)
+    _check_table(dataset, {**SUBSET_ASCENDABLE, **DATASET_KEYS}, d_where, "dataset")
+    _refuse_unsupported(dataset, d_where)
+    if not isinstance(subsets, list) or not subsets:
+        raise UserError("dataset has no [[datasets.subsets]]", where=d_where,
+                        fix="Add a [[datasets.subsets]] table with metadata_file (and image_dir).")
+    d_tables = [dataset, general]
+    resolution, buckets = _bucket_settings(d_tables, d_where, options, default_resolution)
+    subset_specs = _subset_specs(subsets, d_index, d_where, d_tables, options, config_dir, first_subset)
+    if not subset_specs:
+        raise UserError("every subset of this dataset was skipped", where=d_where)
+    if all(s.is_validation for s in subset_specs):
+        raise UserError("every subset of this dataset is a validation subset: it has nothing to train on",
+                        where=d_where, fix="Add a training subset, or drop is_validation from one.")
+    return DatasetSpec(index=d_index, resolution=resolution, batch_size=int(_lookup("batch_size", d_tables, options)),
+                       **buckets, subsets=tuple(subset_specs), where=d_where,
+                       validation_split=_lookup("validation_split", d_tables, options),
+                       validation_seed=_lookup("validation_seed", d_tables, options))
+
+
+def _bucket_settings(d_tables: list[dict[str, Any]], d_where: str, options: DatasetOptions,
+                     default_resolution: int | Size | None) -> tuple[Size, dict[str, Any]]:
+    """The dataset's resolution and bucket keys, checked against each other."""
+    raw_res = _lookup("resolution", d_tables, options, default_resolution)
+    if raw_res is None:
+        raise UserError("no training resolution", where=f"{d_where}.resolution",
+                        fix="Set resolution in the dataset config or pass --resolution 512.")
+    resolution = parse_resolution(raw_res, f"{d_where}.resolution")
+    step = _lookup("bucket_reso_steps", d_tables, options)
+    min_reso = _lookup("min_bucket_reso", d_tables, options)
+    max_reso = _lookup("max_bucket_reso", d_tables, options)
+    enable_bucket = bool(_lookup("enable_bucket", d_tables, options))
+    no_upscale = bool(_lookup("bucket_no_upscale", d_tables, options))
+    if step % 8:
+        raise UserError(f"bucket_reso_steps = {step} is not a multiple of 8 (the VAE downsamples by 8)",
+                        where=f"{d_where}.bucket_reso_steps", fix="Use 64 (the default) or another multiple of 8.")
+    if enable_bucket and not no_upscale:
+        lo, hi = min_reso // step * step, -(-max_reso // step) * step
+        if lo == 0:  # sd-scripts rounds it down to 0 and then divides by the 0-wide bucket
+            raise UserError(f"min_bucket_reso = {min_reso} is below bucket_reso_steps = {step}: the smallest "
+                            "bucket side would be 0", where=f"{d_where}.min_bucket_reso",
+                            fix=f"Use a min_bucket_reso of at least {step}, or a smaller bucket_reso_steps.")
+        if min(resolution) < lo or max(resolution) > hi:
+            raise UserError(f"resolution {resolution[0]}x{resolution[1]} is outside the bucket sides {lo}..{hi}",
+                            where=f"{d_where}.resolution",
+                            fix="Lower min_bucket_reso or raise max_bucket_reso to include the resolution.")
+    return resolution, dict(enable_bucket=enable_bucket, min_bucket_reso=min_reso, max_bucket_reso=max_reso,
+                            bucket_reso_steps=step, bucket_no_upscale=no_upscale)
+
+
+def _subset_specs(subsets: list, d_index: int, d_where: str, d_tables: list[dict[str, Any]], options: DatasetOptions,
+                  config_dir: Path | None, first_index: int) -> list[SubsetSpec]:
+    seen: set[Path] = set()
+    specs = []
+    for s_index, subset in enumerate(subsets):
+        s_where = f"{d_where}.subsets[{s_index}]"
+        if not isinstance(subset, dict):
+            raise UserError("each [[datasets.subsets]] entry must be a table", where=s_where)
+        _check_table(subset, {**SUBSET_ASCENDABLE, **SUBSET_ONLY}, s_where, "subset")
+        _refuse_unsupported(subset, s_where)
+        if not subset.get("metadata_file"):
+            raise UserError("fine-tuning subsets need metadata_file", where=s_where,
+                            fix="Add metadata_file = \"meta.json\" (made by `sdtune merge`).")
+        s_tables = [subset, *d_tables]
+        metadata_file = _path(subset["metadata_file"], config_dir)
+        if metadata_file.resolve() in seen:
+            warnings.warn(f"{s_where}: metadata_file {metadata_file} is listed twice in this dataset; "
+                          "the duplicate subset is skipped (as sd-scripts does)", stacklevel=4)
+            continue
+        seen.add(metadata_file.resolve())
+        repeats = _lookup("num_repeats", s_tables, options, 1)
+        if repeats < 1:
+            warnings.warn(f"{s_where}: num_repeats = {repeats}, the subset is skipped", stacklevel=4)
+            continue
+        caption = {key: _lookup(key, s_tables, options) for key in CAPTION_KEYS}
+        specs.append(SubsetSpec(
+            index=first_index + len(specs), dataset_index=d_index, metadata_file=metadata_file,
+            image_dir=_path(subset.get("image_dir"), config_dir), num_repeats=int(repeats),
+            flip_aug=bool(_lookup("flip_aug", s_tables, options)),
+            color_aug=bool(_lookup("color_aug", s_tables, options)),
+            random_crop=bool(_lookup("random_crop", s_tables, options)),
+            resize_interpolation=_lookup("resize_interpolation", s_tables, options),
+            caption_options=caption, custom_attributes=_lookup("custom_attributes", s_tables, options),
+            where=s_where, is_validation=bool(subset.get("is_validation", False)),
+            alpha_mask=bool(_lookup("alpha_mask", s_tables, options))))
     return specs

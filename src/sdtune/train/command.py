@@ -67,6 +67,6 @@ def run(args: argparse.Namespace) -> int:
 
         dry_run(opts)
         return 0
-    from sdtune.train.loop import train
+    from sdtune.train.trainer import train
 
     return train(opts).exit_status

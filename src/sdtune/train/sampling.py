@@ -220,6 +220,8 @@ def generate(unet, vae, scheduler, cond: "torch.Tensor", uncond: "torch.Tensor |
     import torch
     from PIL import Image
 
+    from sdtune.model import denoise
+
     device = torch.device(device)
     channels = unet.config.in_channels
     if channels != vae.config.latent_channels:
@@ -239,7 +241,7 @@ def generate(unet, vae, scheduler, cond: "torch.Tensor", uncond: "torch.Tensor |
         for t in scheduler.timesteps:
             model_in = latents if uncond is None else torch.cat([latents, latents])
             model_in = scheduler.scale_model_input(model_in, t).to(unet.dtype)
-            pred = unet(model_in, t, encoder_hidden_states=context).sample.float()
+            pred = denoise(unet, model_in, t, context).float()
             if uncond is not None:
                 pred_uncond, pred_cond = pred.chunk(2)
                 pred = pred_uncond + scale * (pred_cond - pred_uncond)

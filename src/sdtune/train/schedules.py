@@ -231,7 +231,27 @@ def build_lr_scheduler(name: str, optimizer: "torch.optim.Optimizer", *, warmup:
             note(f"learning-rate schedule: {scheduler_type}({', '.join(f'{k}={v!r}' for k, v in args.items())})")
         return build_custom_scheduler(scheduler_type, inner, args, num_processes)
 
-    n = num_processes
+    kwargs = _schedule_kwargs(name, args, warmup_steps, decay_steps, total_steps, num_processes, num_cycles, power,
+                              timescale, min_lr_ratio, note)
+    module, function = FUNCTIONS[name]
+    func = getattr(importlib.import_module(module), function)
+    try:
+        return func(inner, **kwargs, **args)
+    except TypeError as exc:
+        from sdtune.train.optim import accepted_arguments
+
+        accepted = accepted_arguments(func, skip={*kwargs, "optimizer", "last_epoch"})
+        raise UserError(f"the {name} schedule rejected the arguments ({exc}).{accepted}", where="--lr_scheduler_args") from None
+    except ValueError as exc:  # e.g. polynomial decay with a learning rate below its end value 1e-7
+        raise UserError(f"cannot build the {name} schedule ({exc})", where="--lr_scheduler") from None
+
+
+def _schedule_kwargs(name: str, args: dict[str, Any], warmup_steps: int, decay_steps: int, total_steps: int, n: int,
+                     num_cycles: int | None, power: float | None, timescale: int | None, min_lr_ratio: float | None,
+                     note: Note | None) -> dict[str, Any]:
+    """The keyword arguments of schedule `name`'s transformers function, in scheduler steps: accelerate
+    steps a prepared schedule once per process per optimizer step, hence every count times `n`.
+    piecewise_constant's step rules in `args` are scaled in place."""
     kwargs: dict[str, Any] = {}
     if name != "constant" and name != "piecewise_constant":
         kwargs["num_warmup_steps"] = warmup_steps * n
@@ -256,17 +276,7 @@ def build_lr_scheduler(name: str, optimizer: "torch.optim.Optimizer", *, warmup:
             note("warmup_stable_decay without --lr_decay_steps holds the learning rate to the end (no decay)")
     if name == "piecewise_constant":
         args["step_rules"] = scale_step_rules(args["step_rules"], n)
-    module, function = FUNCTIONS[name]
-    func = getattr(importlib.import_module(module), function)
-    try:
-        return func(inner, **kwargs, **args)
-    except TypeError as exc:
-        from sdtune.train.optim import accepted_arguments
-
-        accepted = accepted_arguments(func, skip={*kwargs, "optimizer", "last_epoch"})
-        raise UserError(f"the {name} schedule rejected the arguments ({exc}).{accepted}", where="--lr_scheduler_args") from None
-    except ValueError as exc:  # e.g. polynomial decay with a learning rate below its end value 1e-7
-        raise UserError(f"cannot build the {name} schedule ({exc})", where="--lr_scheduler") from None
+    return kwargs
 
 
 def scale_step_rules(rules: Any, factor: int) -> str:

@@ -1,12 +1,11 @@
-"""Building the pieces the loop uses: accelerator, attention, compute copies, saving, signals.
+"""Building the pieces the trainer uses: accelerator, attention, compute copies, saving, signals.
 
-Kept apart from loop.py so the loop reads as the training step and its schedule.
+Kept apart from trainer.py so the trainer reads as the training step and its schedule.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import signal
 from pathlib import Path
 from typing import Callable
@@ -128,21 +127,21 @@ def mem_eff_context(opts: TrainOptions):
     return contextlib.nullcontext()
 
 
-def save_trained(model, path: Path, *, unet, text_encoder, opts: TrainOptions, metadata: dict[str, str],
-                 ema=None, use_ema: bool = False) -> Path:
-    """Save the current weights (the EMA weights with `use_ema`) without disturbing training."""
+def save_trained(model, path: Path, *, fmt: str, precision: str, metadata: dict[str, str], ema=None,
+                 use_ema: bool = False) -> Path:
+    """Save `model` with its current weights (its U-Net's EMA weights with `use_ema`) without
+    disturbing training."""
     import torch
 
     from sdtune import checkpoint
 
-    to_save = dataclasses.replace(model, unet=unet, text_encoder=text_encoder)
+    unet = model.unet
     backup = None
     if use_ema:
         backup = [p.detach().to("cpu", copy=True) for p in unet.parameters()]
         ema.copy_to(unet)
     try:
-        return checkpoint.save_model(to_save, path, fmt=opts.save_format, precision=opts.save_precision or "float",
-                                     metadata=metadata, progress=False)
+        return checkpoint.save_model(model, path, fmt=fmt, precision=precision, metadata=metadata, progress=False)
     finally:
         if backup is not None:
             with torch.no_grad():

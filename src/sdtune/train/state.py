@@ -30,6 +30,7 @@ from sdtune.atomic import swap_folder
 from sdtune.config import option_names, secret_names
 from sdtune.errors import UserError, write_error
 from sdtune.train.options import TrainOptions
+from sdtune.train.weights import raise_together
 
 STATE_FILE = "train_state.json"
 HISTORY_FILE = "history.json"
@@ -73,28 +74,6 @@ def save_state(accelerator, directory: Path, position: Position, options: dict[s
         failure = write_error(exc, directory) or exc
     raise_together(failure, accelerator)
     return directory
-
-
-def raise_together(error: BaseException | None, accelerator) -> None:
-    """Raise on every process when any process failed; a barrier otherwise.
-
-    Saving happens on the main process; if it failed there alone (a full disk), the others would
-    wait at the next collective until its timeout (30 minutes by default) instead of stopping.
-    """
-    if any_process(error is not None, accelerator) and error is None:
-        error = UserError("another process failed (its message is above); this one stops with it")
-    if error is not None:
-        raise error
-
-
-def any_process(flag: bool, accelerator) -> bool:
-    """True on every process when `flag` is true on any of them (a collective: all must call it)."""
-    if accelerator.num_processes == 1:
-        return flag
-    import torch
-
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="max").item())
 
 
 def _write_state(accelerator, directory: Path, tmp: Path, position: Position, options: dict[str, Any], ema,

@@ -187,45 +187,37 @@ class Validator:
         gen = torch.Generator().manual_seed(derive(self.seed, sample_index))
         return [torch.randn(shape, generator=gen) for _ in self.timesteps]
 
-    def loss(self, unet, encode: Callable[[list[str]], "torch.Tensor"] | None = None, *, device="cpu",
-             autocast=None) -> float:
+    def loss(self, predictor, model, encode: Callable[[list[str]], "torch.Tensor"] | None = None, *,
+             device="cpu") -> float:
         """The mean over held-out images and fixed timesteps of the training objective's per-image loss.
 
-        `encode(captions)` gives the conditioning when the text encoder trains (else the cached one is
-        used); `autocast()` is the forward-pass context of the run (accelerate's, for mixed precision).
+        `predictor` (train.predict.Predictor) asks `model` for its predictions exactly as training does;
+        `encode(captions)` gives the conditioning when the text encoder trains (else the cached one is used).
         """
-        import contextlib
-
         import torch
 
         if not self.latents:
             raise RuntimeError("encode_images() first")
         if self.cond is None and encode is None:
             raise RuntimeError("encode_captions() first, or pass encode")
-        autocast = autocast or contextlib.nullcontext
-        objective = self.objective
-        was_training = unet.training
-        unet.eval()
+        was_training = model.training
+        model.eval()
         total, count = 0.0, 0
         try:
             with torch.no_grad():
                 for b, (batch, latents, mask) in enumerate(zip(self.batches, self.latents, self.masks)):
                     latents = latents.to(device)
-                    with autocast():
+                    with predictor.autocast():
                         cond = self.cond[b].to(device) if self.cond is not None else encode(self.captions[b])
                     noises = [self.noise(s.index, latents.shape[1:]) for s in batch]
                     for k, t in enumerate(self.timesteps):
                         noise = torch.stack([n[k] for n in noises]).to(device)
                         ts = torch.full((len(batch),), t, dtype=torch.long, device=device)
-                        noisy = objective.scheduler.add_noise(latents, noise, ts)
-                        with autocast():
-                            pred = unet(noisy, ts, cond).sample
-                        per_image = objective.per_sample_loss(pred.float(), objective.target(latents, noise, ts).float(), ts,
-                                                              mask)
-                        total += float(per_image.double().sum())
+                        prediction = predictor.predict(model, latents, cond, noise=noise, timesteps=ts, weights=mask)
+                        total += float(predictor.per_sample_loss(prediction).double().sum())
                         count += len(batch)
         finally:
-            unet.train(was_training)
+            model.train(was_training)
         return total / count
 
 
