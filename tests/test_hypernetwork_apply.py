@@ -16,6 +16,8 @@ from sdtune.hypernetwork.module import new_hypernetwork
 from sdtune.hypernetwork.spec import Structure
 from sdtune.testing import build_tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+
 STRUCTURES = [
     Structure(weight_initialization="XavierNormal"),  # NAI's 1, 2, 1 linear, with weights big enough to matter
     Structure(layer_structure=(1, 2, 2, 1), activation_func="swish", is_layer_norm=True,

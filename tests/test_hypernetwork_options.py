@@ -1,5 +1,5 @@
 """The hypernetwork flags: sd-scripts' switch and the web UI's structure names, parsed through the real
-`sdtune train` parser; refused with one line until the trainer trains hypernetworks."""
+`sdtune train` parser; bad values are one line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 
 from sdtune.cli import build_parser
 from sdtune.errors import UserError
-from sdtune.hypernetwork import options as hypernetwork_options
 from sdtune.hypernetwork.spec import Structure
 from sdtune.train.command import options_from_args
 
@@ -20,18 +19,16 @@ def parse(*flags: str, config_file=None):
 
 
 @pytest.mark.parametrize("name", ["hypernetwork_nai", "finetune.hypernetwork_nai"])
-def test_hypernetwork_training_is_refused_until_the_trainer_trains_it(name):
-    with pytest.raises(UserError, match=r"^--hypernetwork_module: hypernetwork training is being built") as info:
-        parse("--hypernetwork_module", name)
-    assert "\n" not in str(info.value)
+def test_the_switch_selects_hypernetwork_training(name):
+    from sdtune.train.hypernetwork import HypernetworkTarget
+    from sdtune.train.target import FullFineTune
+    from sdtune.train.targets import target_for
+
+    assert type(target_for(parse("--hypernetwork_module", name))) is HypernetworkTarget
+    assert type(target_for(parse())) is FullFineTune
 
 
-@pytest.fixture
-def available(monkeypatch):
-    monkeypatch.setattr(hypernetwork_options, "TRAINING_AVAILABLE", True)
-
-
-def test_structure_flags_build_the_web_uis_structure(available, tmp_path):
+def test_structure_flags_build_the_web_uis_structure(tmp_path):
     opts = parse("--hypernetwork_module", "hypernetwork_nai")
     assert opts.hypernetwork_structure() == Structure() and opts.hypernetwork_enable_sizes is None
     opts = parse("--hypernetwork_module", "finetune.hypernetwork_nai", "--hypernetwork_layer_structure", "1,2,2,1",
@@ -65,8 +62,9 @@ def test_structure_flags_build_the_web_uis_structure(available, tmp_path):
      "probabilities between 0 and 1"),
     (["--hypernetwork_module", "hypernetwork_nai", "--hypernetwork_enable_sizes", "320", "320"], "width 320 is given twice"),
     (["--hypernetwork_module", "hypernetwork_nai", "--hypernetwork_activation_func", "prelu"], "invalid choice"),
+    (["--hypernetwork_module", "hypernetwork_nai", "--save_model_as", "ckpt"], "--save_model_as: a hypernetwork is saved"),
 ])
-def test_bad_values_are_one_line(available, flags, message, capsys):
+def test_bad_values_are_one_line(flags, message, capsys):
     try:
         parse(*flags)
     except UserError as exc:
@@ -78,7 +76,7 @@ def test_bad_values_are_one_line(available, flags, message, capsys):
     assert message in text and text.strip().count("\n") <= 1, text
 
 
-def test_weights_bring_their_own_structure(available, tmp_path):
+def test_weights_bring_their_own_structure(tmp_path):
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"")
     opts = parse("--hypernetwork_module", "hypernetwork_nai", "--hypernetwork_weights", str(weights))

@@ -15,15 +15,15 @@ from pydantic import field_validator, model_validator
 
 from sdtune.config import Field, Options
 from sdtune.errors import UserError
-from sdtune.hypernetwork.spec import ACTIVATIONS, NAI_MODULE_NAMES, WEIGHT_INITS, Structure, check_widths, parse_numbers
+from sdtune.hypernetwork.spec import (ACTIVATIONS, NAI_MODULE_NAMES, WEIGHT_INITS, Structure,
+                                     attention_widths_from_config, check_widths, parse_numbers, plan_lines,
+                                     resolve_widths)
 
 _GROUP = "Hypernetwork"
 # the options that shape a new hypernetwork (a loaded file brings its own structure)
 STRUCTURE_OPTIONS = ("hypernetwork_enable_sizes", "hypernetwork_layer_structure", "hypernetwork_activation_func",
                      "hypernetwork_weight_init", "hypernetwork_add_layer_norm", "hypernetwork_dropout_structure",
                      "hypernetwork_activate_output")
-# Until the trainer trains hypernetworks, the switch is refused: an accepted option must act.
-TRAINING_AVAILABLE = False
 
 
 class HypernetworkOptions(Options):
@@ -87,13 +87,22 @@ class HypernetworkOptions(Options):
             raise UserError("the structure of a continued hypernetwork comes from its file", where=f"--{given[0]}",
                             fix="Drop the structure flags, or start a new hypernetwork without --hypernetwork_weights.")
         self.hypernetwork_structure()
+        if getattr(self, "save_model_as", "safetensors") != "safetensors":  # the training options' own default
+            raise UserError("a hypernetwork is saved as the web UIs' .pt file, not as a model",
+                            where="--save_model_as", fix="Drop --save_model_as (--use_safetensors writes a "
+                            ".safetensors hypernetwork instead).")
         if self.hypernetwork_enable_sizes is not None:
             check_widths(self.hypernetwork_enable_sizes, "--hypernetwork_enable_sizes")
-        if not TRAINING_AVAILABLE:
-            raise UserError("hypernetwork training is being built and is not available in this version yet",
-                            where="--hypernetwork_module", fix="Train with the AUTOMATIC1111 web UI for now, or "
-                            "drop the flag to fine-tune the whole model.")
         return self
+
+    def hypernetwork_plan(self, unet_config: dict) -> list[str]:
+        """What `--dry_run` says about the hypernetwork, from the options and the U-Net's config alone."""
+        if self.hypernetwork_weights:
+            return [f"hypernetwork: continuing {self.hypernetwork_weights} (its structure and widths come from the "
+                    "file); the U-Net and text encoder stay frozen"]
+        model_widths = attention_widths_from_config(unet_config)
+        widths = resolve_widths(self.hypernetwork_enable_sizes, model_widths)
+        return plan_lines(self.hypernetwork_structure(), widths, model_widths)
 
     def hypernetwork_structure(self) -> Structure:
         """The structure of a new hypernetwork, from the flags (the web UI's defaults where not given)."""
