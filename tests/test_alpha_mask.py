@@ -204,7 +204,7 @@ def test_prepare_buckets_latents_alpha_mask_caches_the_masks(data, capsys):
     from sdtune.data.prepared import apply_prepared
 
     lat = json.loads((tmp_path / "lat.json").read_text())
-    assert all(v["sdtune_latents"].alpha_mask is True for v in lat.values())
+    assert all(v["sdtune_latents"]["alpha_mask"] is True for v in lat.values())
     opts, notes = apply_prepared(DatasetOptions(in_json=str(tmp_path / "lat.json"), train_data_dir=str(tmp_path / "img")),
                                  default_resolution=512)
     assert opts.alpha_mask and opts.cache_latents_to_disk
@@ -212,6 +212,6 @@ def test_prepare_buckets_latents_alpha_mask_caches_the_masks(data, capsys):
     cache = tmp_path / "img" / ".sdtune-cache"
     entries = {p.name.split(".png.")[0]: load_file(str(p)) for p in cache.glob("*.safetensors")}
     assert sorted(entries) == ["a", "b", "c"]
-    torch.testing.assert_close(entries["a"].mask, _blocks(alphas["a"]), rtol=0, atol=1e-6)
-    torch.testing.assert_close(entries["b"].mask, _blocks(alphas["b"]), rtol=0, atol=0)
-    assert torch.equal(entries["c"].mask, torch.ones(8, 8))
+    torch.testing.assert_close(entries["a"]["mask"], _blocks(alphas["a"]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(entries["b"]["mask"], _blocks(alphas["b"]), rtol=0, atol=0)
+    assert torch.equal(entries["c"]["mask"], torch.ones(8, 8))

@@ -54,7 +54,7 @@ def test_a_damaged_image_is_reported_once_and_counted(ws, tmp_path, capsys, recw
 
     summary = json.loads((tmp_path / "out" / "N-train_summary.json").read_text())
     assert [Path(s["path"]).name for s in summary["skipped_images"]] == [BAD]
-    assert summary["skipped_images"][0].reason.startswith("cannot be decoded")
+    assert summary["skipped_images"][0]["reason"].startswith("cannot be decoded")
     # 2 images, batch 1: 2 batches per epoch, 2 epochs; the damaged image's batch is left out of both
     assert summary["steps"] == 2
 

@@ -179,7 +179,7 @@ def test_resize_interpolation_reaches_the_images(tmp_path):
         plan = build_plan(opts, seed=0)
         sampler = BucketBatchSampler(plan, seed=0)
         sampler.set_epoch(0)
-        return next(iter(make_loader(plan, sampler)))["images"][0].numpy()
+        return next(iter(make_loader(plan, sampler))).images[0].numpy()
 
     src = Image.open(tmp_path / "img" / "a.png")
     for name, pil in (("nearest", Image.Resampling.NEAREST), ("bicubic", Image.Resampling.BICUBIC)):

@@ -115,6 +115,8 @@ ELSEWHERE = {
         "ip_noise_gamma", "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "zero_terminal_snr",
         "loss_type", "huber_schedule", "huber_c", "huber_scale", "min_snr_gamma", "scale_v_pred_loss_like_noise_pred",
         "v_pred_like_loss", "debiased_estimation_loss")},
+    **{k: "tests/test_world.py::test_a_correct_launch_starts_locks_and_sets_the_ddp_options" for k in (
+        "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph")},
     # dataset: the loop hands the options to build_plan (in_json / dataset_config / resolution above show it does)
     "face_crop_aug_range": "tests/test_data_config.py::test_options_from_the_command_line",  # refused
     **{k: "tests/test_data_config.py::test_precedence_subset_dataset_general_cli_default" for k in (

@@ -16,6 +16,7 @@ Pure arithmetic (no PIL, no torch) so it is cheap to test and to run for `--dry_
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from dataclasses import dataclass
@@ -155,6 +156,30 @@ class BucketRule:
             self.buckets = []  # one bucket per distinct image size, made on demand
         else:
             self.buckets = make_buckets(resolution, self.min_size, self.max_size, step)
+        # the buckets by log aspect ratio, for a binary search instead of a scan per image
+        order = sorted(self.buckets, key=lambda b: math.log(b[0] / b[1]))
+        self._sorted, self._logs = order, [math.log(b[0] / b[1]) for b in order]
+        self._exact = set(self.buckets)
+
+    def _select(self, size: Size) -> Size:
+        """`select_bucket(size, self.buckets)` in O(log n): the nearest log aspects are next to
+        where the image's would sort; the same key then decides among them (ties included)."""
+        if size in self._exact:
+            return size
+        logs = self._logs
+        log_ar = math.log(size[0] / size[1])
+        i = bisect.bisect_left(logs, log_ar)
+        below = abs(logs[i - 1] - log_ar) if i > 0 else math.inf
+        above = abs(logs[i] - log_ar) if i < len(logs) else math.inf
+        best = min(below, above)
+        lo, hi = i, i
+        while lo > 0 and abs(logs[lo - 1] - log_ar) <= best:
+            lo -= 1
+        while hi < len(logs) and abs(logs[hi] - log_ar) <= best:
+            hi += 1
+        if hi - lo == 1:  # the usual case: one nearest bucket
+            return self._sorted[lo]
+        return min(self._sorted[lo:hi], key=lambda b: (abs(math.log(b[0] / b[1]) - log_ar), -b[0] * b[1]))
 
     def assign(self, size: Size) -> tuple[Size, Size] | None:
         """(bucket, resized) for an image of `size`, or None when it is too small for any bucket."""
@@ -163,7 +188,7 @@ class BucketRule:
             if bucket[0] < self.step or bucket[1] < self.step:
                 return None
             return bucket, resized
-        bucket = select_bucket(size, self.buckets)
+        bucket = self._select(size)
         return bucket, cover_size(size, bucket)
 
     def describe(self) -> str:

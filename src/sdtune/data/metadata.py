@@ -8,29 +8,34 @@ and `sdtune_latents` (how sdtune's prepare step cached the image's latents, see
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdtune.errors import UserError
-from sdtune.metadata import read_metadata, resolve_key
+from sdtune.metadata import IMAGE_EXTENSIONS, read_metadata, resolve_key
 
 __all__ = ["MetadataRecord", "load_records", "resolve_key"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million records fit in a fraction of the memory
 class MetadataRecord:
     key: str
-    path: Path
+    file: str  # the image's path as pathlib spells it; a Path for each of a million records costs seconds
     caption: str | None
     tags: str | None
     image_size: tuple[int, int] | None
     train_resolution: tuple[int, int] | None = None
     prepared_latents: dict | None = None
 
+    @property
+    def path(self) -> Path:
+        return Path(self.file)
+
 
 def _text(value, key: str, field: str, where: str) -> str | None:
-    if value is None:
-        return None
+    if value is None or type(value) is str:
+        return value
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return ", ".join(value)  # some taggers write tag lists
     if not isinstance(value, str):
@@ -42,6 +47,10 @@ def _text(value, key: str, field: str, where: str) -> str | None:
 def _size(value, key: str, where: str, field: str = "image_size") -> tuple[int, int] | None:
     if value is None:
         return None
+    if type(value) is list and len(value) == 2:  # the usual [w, h], checked without generators
+        w, h = value
+        if type(w) is int and type(h) is int and w > 0 and h > 0:
+            return w, h
     if (isinstance(value, (list, tuple)) and len(value) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
         return int(value[0]), int(value[1])
@@ -67,6 +76,69 @@ def _prepared(value, key: str, where: str) -> dict | None:
     return value
 
 
+class _Listings:
+    """`resolve_key` over folder listings: each folder is listed once, so a million keys cost a few
+    listings instead of about four million file-status calls (on network storage, round trips).
+
+    A listing only ever confirms a file that exists; a key it does not find goes to `resolve_key`
+    itself, which then decides (a folder that cannot be listed, a case-insensitive file system where
+    the key's case differs from the name on disk). Candidates are tried in `resolve_key`'s order.
+    """
+
+    def __init__(self):
+        self._names: dict[str, frozenset[str] | None] = {}
+
+    def _has(self, folder: str, name: str) -> bool:
+        names = self._names.get(folder, False)
+        if names is False:
+            names = self._names[folder] = self._list(folder or ".")
+        return name in names if names is not None else os.path.isfile(os.path.join(folder, name))
+
+    @staticmethod
+    def _list(folder: str) -> frozenset[str] | None:
+        try:
+            with os.scandir(folder) as entries:
+                return frozenset(e.name for e in entries if e.is_file())
+        except OSError:
+            return None
+
+    def resolve(self, key: str, root: str | None) -> str | None:
+        """`root` is the image folder as pathlib spells it (`str(Path(...))`)."""
+        as_is = _normal(os.path.expanduser(key))
+        if as_is not in ("", "."):
+            # both candidates end in the key's file name: only their folders differ
+            folder, name = os.path.split(as_is) if os.sep in as_is else ("", as_is)
+            folders = [folder]
+            if root is not None and not os.path.isabs(as_is):
+                folders.append(os.path.join(root, folder) if folder else root)
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                for f in folders:
+                    if self._has(f, name):
+                        return _join(f, name)
+            for f in reversed(folders):
+                for ext in IMAGE_EXTENSIONS:
+                    for candidate in (name + ext, name + ext.upper()):
+                        if self._has(f, candidate):
+                            return _join(f, candidate)
+        found = resolve_key(key, None if root is None else Path(root))  # the rare rest, by the one rule
+        return None if found is None else str(found)
+
+
+def _join(folder: str, name: str) -> str:
+    """os.path.join for a folder in pathlib's spelling and a plain name, without its generality."""
+    if not folder:
+        return name
+    return folder + name if folder.endswith(os.sep) else folder + os.sep + name
+
+
+def _normal(path: str) -> str:
+    """The path as pathlib spells it (no doubled or trailing separators, no "." parts), as
+    `resolve_key` builds its candidates; a plain file name needs no work."""
+    if os.sep in path or (os.altsep and os.altsep in path) or path in ("", ".") or path.startswith("."):
+        return str(Path(path))
+    return path
+
+
 def load_records(metadata_file: str | Path, image_dir: str | Path | None) -> list[MetadataRecord]:
     """All records of a metadata file with their image paths; every listed image must exist."""
     where = str(metadata_file)
@@ -75,18 +147,19 @@ def load_records(metadata_file: str | Path, image_dir: str | Path | None) -> lis
     if root is not None and not root.is_dir():
         raise UserError("image folder not found", where=str(root), fix="Check image_dir / --train_data_dir.")
     records, missing = [], []
+    listings, folder = _Listings(), None if root is None else str(root)
     for key, value in raw.items():
-        path = resolve_key(key, root)
+        path = listings.resolve(key, folder)
         if path is None:
             missing.append(key)
             continue
+        # positional, and absent fields skip their checks: a million records add up
+        bucket, prepared = value.get("train_resolution"), value.get("sdtune_latents")
         records.append(MetadataRecord(
-            key=key, path=path,
-            caption=_text(value.get("caption"), key, "caption", where),
-            tags=_text(value.get("tags"), key, "tags", where),
-            image_size=_size(value.get("image_size"), key, where),
-            train_resolution=_bucket(value.get("train_resolution"), key, where),
-            prepared_latents=_prepared(value.get("sdtune_latents"), key, where)))
+            key, path, _text(value.get("caption"), key, "caption", where), _text(value.get("tags"), key, "tags", where),
+            _size(value.get("image_size"), key, where),
+            None if bucket is None else _bucket(bucket, key, where),
+            None if prepared is None else _prepared(prepared, key, where)))
     if missing:
         listed = ", ".join(repr(k) for k in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""

@@ -7,22 +7,21 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from sdtune.console import plural
 from sdtune.data.buckets import BucketRule, Size
-from sdtune.data.images import BadImage, read_size
+from sdtune.data.images import BadImage
 from sdtune.data.metadata import load_records
 from sdtune.data.options import DatasetOptions, LoadingOptions
 from sdtune.data.prepared import RECORDED, all_recorded, recorded_geometry
+from sdtune.data.sizes import read_sizes
 from sdtune.data.toml_config import DatasetSpec, SubsetSpec, dataset_specs
 from sdtune.errors import UserError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million samples in a fraction of the memory
 class Sample:
     """One image of one subset. `index` is stable for the run (its position in `plan.samples`)."""
 
@@ -109,13 +108,18 @@ class DatasetPlan:
 
     def summary(self, num_processes: int = 1, gradient_accumulation_steps: int = 1) -> str:
         lines = []
+        active = self.active
+        per_subset = Counter(x.subset for x in active)
+        held_out = Counter(x.subset for x in self.samples if x.index in self.excluded)
+        groups = self.groups()
+        total = sum(self.repeats(s) for s in active)
         for d in self.datasets:
             rule = RECORDED if d.recorded_buckets else _rule(d).describe()
             lines.append(f"dataset {d.index} ({d.where}): batch size {d.batch_size}; {rule}")
             for s in d.subsets:
-                n = sum(1 for x in self.active if x.subset == s.index)
+                n = per_subset[s.index]
                 if getattr(s, "is_validation", False):
-                    held = sum(1 for x in self.samples if x.subset == s.index and x.index in self.excluded)
+                    held = held_out[s.index]
                     lines.append(f"  subset {s.index}: validation only, {plural(held, 'image')} held out from "
                                  f"{s.metadata_file}")
                     continue
@@ -124,20 +128,20 @@ class DatasetPlan:
                              f"{s.metadata_file}"
                              + (f" ({', '.join(extras)})" if extras else ""))
             lines.append("  bucket       images  samples  batches")
-            for (di, bucket), indices in self.groups().items():
+            for (di, bucket), indices in groups.items():
                 if di != d.index:
                     continue
                 count = sum(self.repeats(self.samples[i]) for i in indices)
-                bar = "#" * max(1, round(30 * count / max(1, self.total_samples())))
+                bar = "#" * max(1, round(30 * count / max(1, total)))
                 lines.append(f"  {bucket[0]:>4}x{bucket[1]:<5} {len(indices):>7}  {count:>7}  "
                              f"{math.ceil(count / d.batch_size):>7}  {bar}")
-        lines.append(f"{plural(len(self.active), 'image')}, {plural(self.total_samples(), 'sample')} per epoch, "
+        lines.append(f"{plural(len(active), 'image')}, {plural(total, 'sample')} per epoch, "
                      f"{plural(self.total_batches(), 'batch')}; with {plural(num_processes, 'process')} and "
                      f"{plural(gradient_accumulation_steps, 'accumulation step')}: "
                      f"{plural(self.batches_per_epoch(num_processes), 'batch')} and "
                      f"{plural(self.steps_per_epoch(num_processes, gradient_accumulation_steps), 'optimizer step')} "
                      "per epoch")
-        crops = [s for s in self.active if _crop_fraction(s) > 0.25]
+        crops = [s for s in active if _crop_fraction(s) > 0.25]
         if crops:
             lines.append(f"{plural(len(crops), 'image')} {'loses' if len(crops) == 1 else 'lose'} more than 25% of "
                          f"the area to cropping (extreme aspect ratios), e.g. {crops[0].path} "
@@ -160,22 +164,6 @@ def _crop_fraction(s: Sample) -> float:
 def _rule(d: DatasetSpec) -> BucketRule:
     return BucketRule(d.resolution, enable_bucket=d.enable_bucket, min_size=d.min_bucket_reso,
                       max_size=d.max_bucket_reso, step=d.bucket_reso_steps, no_upscale=d.bucket_no_upscale)
-
-
-def _sizes(paths: list[Path], workers: int) -> list[Size | BadImage]:
-    def one(p: Path) -> Size | BadImage:
-        try:
-            return read_size(p)
-        except BadImage as exc:
-            return exc
-
-    if len(paths) < 64 or workers <= 1:
-        return [one(p) for p in paths]
-    from tqdm import tqdm
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(one, paths), total=len(paths), desc="reading image sizes", unit="img",
-                         leave=False, disable=None))
 
 
 def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | Size | None = None,
@@ -204,9 +192,12 @@ def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | 
         if recorded_buckets and all_recorded([r for _s, records in loaded for r in records]):
             d = specs[position] = replace(d, enable_bucket=True, recorded_buckets=True)
         rule = _rule(d)
-        for s, records in loaded:
+        while loaded:  # each subset's records are dropped once planned: less memory at the peak
+            s, records = loaded.pop(0)
             need = [r.path for r in records if r.image_size is None]
-            read = dict(zip(need, _sizes(need, min(8, max(1, options.max_data_loader_n_workers)))))
+            read = dict(zip(need, read_sizes(need, min(8, max(1, options.max_data_loader_n_workers)),
+                                             disk=bool(options.cache_latents_to_disk or options.cache_dir),
+                                             cache_dir=options.cache_dir)))
             for r in records:
                 size = r.image_size or read[r.path]
                 if isinstance(size, BadImage):
@@ -218,7 +209,7 @@ def build_plan(options: DatasetOptions, *, seed: int, default_resolution: int | 
                                f"{d.bucket_reso_steps}", options.strict, warn)
                     continue
                 bucket, resized = assigned
-                samples.append(Sample(len(samples), s.index, d.index, str(r.path), r.caption, r.tags, size, bucket,
+                samples.append(Sample(len(samples), s.index, d.index, r.file, r.caption, r.tags, size, bucket,
                                       resized))
     if not samples:
         raise UserError("no usable images in the dataset", where=str(options.dataset_config or options.in_json),

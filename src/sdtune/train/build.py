@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sdtune.train.options import TrainOptions
+from sdtune.train.options import LoggingOptions, TrainOptions
 
 
 @dataclass
@@ -204,7 +204,7 @@ def model_and_plan(opts: TrainOptions, seed: int, dtype, verbose: bool):
     return model, plan
 
 
-def tracker_init(opts: TrainOptions, logs) -> dict:
+def tracker_init(opts: LoggingOptions, logs) -> dict:
     init = logs.load_tracker_config(opts.log_tracker_config) if opts.log_tracker_config else {}
     if opts.wandb_run_name:
         init.setdefault("wandb", {})["name"] = opts.wandb_run_name

@@ -82,6 +82,13 @@ class TrainingOptions(Options):
     clip_skip: int | None = Field(None, "condition on the text encoder's N-th layer from the end (2 = penultimate)", group="Training", ge=1)
     max_token_length: Literal[75, 150, 225] | None = Field(None, "caption length in tokens: 75, 150 or 225", group="Training")
     weighted_captions: bool = Field(False, "read A1111 weights in captions: (word:1.2), (word), [word]", group="Training")
+    ddp_timeout: int | None = Field(None, "minutes a process waits for the others in a collective before the run "
+                                    "fails (default: torch's, 30 for gloo, 10 for NCCL)", group="Distributed", ge=1,
+                                    resume="may_change")
+    ddp_gradient_as_bucket_view: bool = Field(False, "DDP keeps the gradients in its all-reduce buckets (less memory, "
+                                              "no copy)", group="Distributed", resume="may_change")
+    ddp_static_graph: bool = Field(False, "tell DDP that the graph and the unused parameters are the same at every "
+                                   "step (faster; a changing graph gives an error)", group="Distributed", resume="may_change")
 
     @field_validator("optimizer_args")
     @classmethod

@@ -15,16 +15,6 @@ import argparse
 
 # flag -> why / what to do instead
 NOT_SUPPORTED: dict[str, str] = {
-    "deepspeed": "DeepSpeed is not supported; use plain multi-GPU data parallel through accelerate",
-    "zero_stage": "DeepSpeed is not supported",
-    "offload_optimizer_device": "DeepSpeed is not supported",
-    "offload_optimizer_nvme_path": "DeepSpeed is not supported",
-    "offload_param_device": "DeepSpeed is not supported",
-    "offload_param_nvme_path": "DeepSpeed is not supported",
-    "zero3_init_flag": "DeepSpeed is not supported",
-    "zero3_save_16bit_model": "DeepSpeed is not supported",
-    "fp16_master_weights_and_gradients": "DeepSpeed is not supported (a ZeRO option); for float16 weights use "
-                                         "--full_fp16, for bfloat16 --full_bf16",
     "fp8_base": "fp8 base weights are not supported for full fine-tuning",
     "fused_backward_pass": "the fused backward pass is not supported",
     "dataset_class": "custom dataset classes are not supported; use a dataset TOML",
@@ -50,11 +40,12 @@ NOT_SUPPORTED: dict[str, str] = {
 # Flags that sd-scripts documents and sdtune means to implement; refused until then, so that none is
 # silently ignored.
 PLANNED: dict[str, str] = {
-    name: "not implemented yet in this version of sdtune"
-    for name in (
-        "torch_compile", "dynamo_backend", "ddp_timeout",
-        "ddp_gradient_as_bucket_view", "ddp_static_graph",
-    )
+    **{name: "not implemented yet in this version of sdtune" for name in ("torch_compile", "dynamo_backend")},
+    # the options and accelerate's plugin exist (train/zero.py); the trainer does not run under ZeRO yet
+    **{name: "DeepSpeed is not wired into the trainer yet; use plain multi-GPU data parallel through accelerate "
+             "(docs/distributed.md)" for name in (
+        "deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
+        "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients")},
 }
 
 

@@ -13,13 +13,14 @@ from typing import Callable
 from sdtune.console import plural
 from sdtune.errors import UserError
 from sdtune.train.accel import fresh_accelerator_state
-from sdtune.train.options import TrainOptions
+from sdtune.train.options import TrainingOptions, TrainOptions
 
 
 def make_accelerator(opts: TrainOptions, note: Callable[[str], None]):
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+
+    from sdtune.train.world import accelerator_handlers
 
     on_gpu = torch.cuda.is_available()
     precision = opts.mixed_precision
@@ -30,12 +31,10 @@ def make_accelerator(opts: TrainOptions, note: Callable[[str], None]):
         note("note: fp16 mixed precision needs a CUDA GPU; training in float32 on the CPU instead "
              "(--mixed_precision bf16 works on CPUs)")
         precision = "no"
-    # A trained text encoder conditioned on an earlier layer (clip skip) leaves its top layers
-    # without gradients, which DDP must be told about.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=opts.train_text_encoder)
+    handlers = accelerator_handlers(opts)  # refuses an engine the trainer cannot run under, before accelerate
     fresh_accelerator_state()  # a second run in one process (tests, notebooks) starts afresh
     return Accelerator(gradient_accumulation_steps=opts.gradient_accumulation_steps, mixed_precision=precision,
-                       cpu=not on_gpu, kwargs_handlers=[ddp])
+                       cpu=not on_gpu, kwargs_handlers=handlers)
 
 
 def text_embedding_cache(plan, conditioner, caption_options, opts: TrainOptions, accelerator, note):
@@ -93,7 +92,7 @@ def compute_copy(module, device, dtype):
     return copy.deepcopy(module).to(device=device, dtype=dtype)
 
 
-def configure_attention(unet, opts: TrainOptions, note: Callable[[str], None]) -> None:
+def configure_attention(unet, opts: TrainingOptions, note: Callable[[str], None]) -> None:
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -114,7 +113,7 @@ def configure_attention(unet, opts: TrainOptions, note: Callable[[str], None]) -
         note("note: --mem_eff_attn selects SDPA's memory-efficient CUDA kernel; on the CPU SDPA chooses its own")
 
 
-def mem_eff_context(opts: TrainOptions):
+def mem_eff_context(opts: TrainingOptions):
     """SDPA restricted to the memory-efficient kernel (--mem_eff_attn on CUDA), else nothing."""
     import contextlib
 

@@ -1,0 +1,130 @@
+"""DeepSpeed ZeRO with sd-scripts' flags: the options, and accelerate's DeepSpeed plugin built from them.
+
+Groundwork: the flags stay refused for training (`sdscripts_flags.PLANNED`) until the trainer runs
+under DeepSpeed (saving gathers full weights, validation and sampling under ZeRO-3); then
+`DeepSpeedOptions` joins `TrainOptions`, `make_accelerator` passes `deepspeed_plugin(...)` and
+`world.accelerator_handlers(opts, backend=process_group_backend(world))` (never `cpu=True`), and the
+trainer calls `world.start(accelerator, opts, deepspeed=True)`.
+
+The meanings are sd-scripts' (`--zero_stage` 2 by default, the global batch DeepSpeed checks is
+micro batch x accumulation x processes, fp16's initial loss scale 2^0, fp16 master weights only with
+ZeRO-2 and CPU optimizer offload); combinations sd-scripts accepts and ignores are refused here.
+No torch at module level: the options are read before any model loads.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import model_validator
+
+from sdtune.config import Field, Options
+from sdtune.errors import UserError
+
+G_DS = "DeepSpeed"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class DeepSpeedOptions(Options):
+    deepspeed: bool = Field(False, "train under DeepSpeed ZeRO (through accelerate)", group=G_DS)
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, "ZeRO stage: 1 shards the optimizer state, 2 also the gradients, 3 also "
+                                               "the weights", group=G_DS)
+    offload_optimizer_device: Literal["cpu", "nvme"] | None = Field(
+        None, "keep the optimizer state (and its step) in CPU memory or on NVMe", group=G_DS)
+    offload_optimizer_nvme_path: str | None = Field(None, "NVMe folder for --offload_optimizer_device nvme", group=G_DS,
+                                                    metavar="DIR")
+    offload_param_device: Literal["cpu", "nvme"] | None = Field(
+        None, "ZeRO-3: keep the weights in CPU memory or on NVMe between uses", group=G_DS)
+    offload_param_nvme_path: str | None = Field(None, "NVMe folder for --offload_param_device nvme", group=G_DS,
+                                                metavar="DIR")
+    zero3_init_flag: bool = Field(False, "ZeRO-3: build the trained model already sharded (deepspeed.zero.Init)",
+                                  group=G_DS)
+    zero3_save_16bit_model: bool = Field(False, "ZeRO-3: gather a 16-bit model when saving", group=G_DS)
+    fp16_master_weights_and_gradients: bool = Field(
+        False, "fp16 master weights and gradients, float32 optimizer state (ZeRO-2 with CPU optimizer offload only)",
+        group=G_DS)
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        given = [name for name, field in type(self).model_fields.items()
+                 if name != "deepspeed" and getattr(self, name) != field.default]
+        if given and not self.deepspeed:
+            raise UserError("is a DeepSpeed option", where=f"--{given[0]}", fix="Add --deepspeed, or drop it.")
+        for device, path in (("offload_optimizer_device", "offload_optimizer_nvme_path"),
+                             ("offload_param_device", "offload_param_nvme_path")):
+            if (getattr(self, device) == "nvme") != bool(getattr(self, path)):
+                raise UserError(f"NVMe offload needs both --{device} nvme and --{path}", where=f"--{device}",
+                                fix=f"Give both, or neither (--{device} cpu needs no folder).")
+        stage3 = [n for n in ("offload_param_device", "zero3_init_flag", "zero3_save_16bit_model") if getattr(self, n)]
+        if stage3 and self.zero_stage != 3:
+            raise UserError(f"works with ZeRO stage 3 only (--zero_stage is {self.zero_stage})", where=f"--{stage3[0]}",
+                            fix="Add --zero_stage 3, or drop it.")
+        if self.offload_optimizer_device and self.zero_stage == 0:
+            raise UserError("ZeRO stage 0 shards nothing, so there is no optimizer state to offload",
+                            where="--offload_optimizer_device", fix="Use --zero_stage 1, 2 or 3.")
+        if self.fp16_master_weights_and_gradients and not (self.zero_stage == 2
+                                                            and self.offload_optimizer_device == "cpu"):
+            raise UserError("DeepSpeed keeps fp16 master weights only with ZeRO-2 and the optimizer offloaded to the "
+                            "CPU (sd-scripts logs this and trains without them)",
+                            where="--fp16_master_weights_and_gradients",
+                            fix="Add --zero_stage 2 --offload_optimizer_device cpu, or drop it.")
+        return self
+
+
+def deepspeed_plugin(ds: DeepSpeedOptions, *, train_batch_size: int, gradient_accumulation_steps: int,
+                     max_grad_norm: float, mixed_precision: str, full_fp16: bool = False, world_size: int):
+    """accelerate's DeepSpeedPlugin for these options, or None without --deepspeed.
+
+    `mixed_precision` is the one the accelerator gets (on a CPU fp16 is already "no"); `world_size`
+    the launch's process count (`world.Launch.from_env().processes`).
+    """
+    if not ds.deepspeed:
+        return None
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in _TRUE:
+        raise UserError("ACCELERATE_USE_CPU (or accelerate launch --cpu) makes accelerate drop DeepSpeed without a word",
+                        where="--deepspeed", fix="Unset ACCELERATE_USE_CPU; sdtune sets up DeepSpeed on the CPU itself.")
+    if mixed_precision == "fp16" and not _cuda():
+        raise UserError("DeepSpeed refuses fp16 on this CPU", where="--deepspeed",
+                        fix="Use --mixed_precision bf16 or no.")
+    try:
+        import deepspeed  # noqa: F401  (accelerate imports it lazily and fails with a traceback)
+    except ImportError:
+        raise UserError("DeepSpeed is not installed", where="--deepspeed",
+                        fix="Install it: pip install 'sdtune[deepspeed]' (its ops compile at first use: needs g++).") \
+            from None
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin(
+        zero_stage=ds.zero_stage, gradient_accumulation_steps=gradient_accumulation_steps,
+        gradient_clipping=max_grad_norm, offload_optimizer_device=ds.offload_optimizer_device,
+        offload_optimizer_nvme_path=ds.offload_optimizer_nvme_path, offload_param_device=ds.offload_param_device,
+        offload_param_nvme_path=ds.offload_param_nvme_path, zero3_init_flag=ds.zero3_init_flag,
+        zero3_save_16bit_model=ds.zero3_save_16bit_model)
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = train_batch_size
+    # DeepSpeed checks global = micro batch x accumulation x processes
+    config["train_batch_size"] = train_batch_size * gradient_accumulation_steps * world_size
+    plugin.set_mixed_precision(mixed_precision)
+    if mixed_precision == "fp16":
+        config["fp16"]["initial_scale_power"] = 0  # sd-scripts: a scale of 2^0, against early overflows
+        if full_fp16 or ds.fp16_master_weights_and_gradients:
+            if ds.zero_stage == 2 and ds.offload_optimizer_device == "cpu":
+                config["fp16"]["fp16_master_weights_and_grads"] = True
+            else:
+                raise UserError("--full_fp16 under DeepSpeed needs ZeRO-2 with the optimizer offloaded to the CPU",
+                                where="--full_fp16", fix="Add --zero_stage 2 --offload_optimizer_device cpu.")
+    return plugin
+
+
+def process_group_backend(world_size: int) -> str | None:
+    """The backend DeepSpeed needs named for accelerate (`world.accelerator_handlers(opts, backend=...)`):
+    without a GPU gloo, or accelerate tells every process it is alone (and `cpu=True` would drop
+    DeepSpeed instead); with GPUs accelerate's own choice (None)."""
+    return "gloo" if world_size > 1 and not _cuda() else None
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

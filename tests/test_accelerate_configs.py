@@ -1,0 +1,72 @@
+"""The accelerate config files shipped in examples/accelerate parse with accelerate and launch what
+docs/distributed.md says: one GPU, eight GPUs, two machines of eight, and two CPU processes (the
+last one launched for real: two gloo processes, ~15 s)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "accelerate"
+
+
+def _launch_args(name: str, *extra: str):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(["--config_file", str(EXAMPLES / name), *extra, "fine_tune.py"])
+    return _validate_launch_command(args)[0]
+
+
+def test_every_example_is_listed_here():
+    assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == ["eight_gpus.yaml", "one_gpu.yaml",
+                                                               "two_cpu_processes.yaml", "two_nodes.yaml"]
+
+
+@pytest.mark.parametrize("name, multi_gpu, processes, machines", [
+    ("one_gpu.yaml", False, 1, 1),
+    ("eight_gpus.yaml", True, 8, 1),
+    ("two_nodes.yaml", True, 16, 2),
+    ("two_cpu_processes.yaml", True, 2, 1),
+])
+def test_examples_parse_into_the_launch_they_describe(name, multi_gpu, processes, machines):
+    args = _launch_args(name)
+    assert (args.multi_gpu, args.num_processes, args.num_machines, args.machine_rank) == (multi_gpu, processes,
+                                                                                         machines, 0)
+    assert not args.cpu and not args.use_cpu  # --cpu would start one process only
+    assert not args.use_deepspeed and not args.use_fsdp  # engines sdtune does not run under yet
+
+
+def test_the_second_machine_overrides_only_its_rank():
+    first, second = _launch_args("two_nodes.yaml"), _launch_args("two_nodes.yaml", "--machine_rank", "1")
+    assert (second.machine_rank, second.main_process_ip, second.main_process_port) == (1, "10.0.0.1", 29500)
+    assert (first.machine_rank, first.main_process_ip) == (0, "10.0.0.1")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo launch is tested on Linux")
+def test_the_cpu_example_starts_two_processes_in_one_world(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent("""
+        import os
+        from sdtune.train import world
+        from sdtune.train.options import TrainOptions
+        from sdtune.train.setup import make_accelerator
+        opts = TrainOptions(pretrained_model_name_or_path="unused", output_dir="out")
+        accelerator = make_accelerator(opts, print)
+        world.check_world(accelerator)
+        os.write(1, (world.describe(accelerator) + "\\n").encode())
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env.pop("ACCELERATE_USE_CPU", None)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(EXAMPLES / "two_cpu_processes.yaml"), "--main_process_port", "29591", str(script)],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("process "))
+    assert lines == ["process 1/2 (machine 1/1, local 1/2): MULTI_CPU, backend gloo, device cpu:0",
+                     "process 2/2 (machine 1/1, local 2/2): MULTI_CPU, backend gloo, device cpu:0"], proc.stderr[-3000:]
