@@ -173,6 +173,14 @@ ELSEWHERE = {
     "initial_epoch": "tests/test_sdscripts_run_flags.py::test_initial_position_arithmetic",
     "save_n_epoch_ratio": "tests/test_sdscripts_run_flags.py::test_save_n_epoch_ratio",
     "resize_interpolation": "tests/test_sdscripts_run_flags.py::test_resize_interpolation_reaches_the_images",
+    # hypernetwork training; the structure flags build the structure the target creates
+    "hypernetwork_module": "tests/test_hypernetwork_training.py::test_training_lowers_the_loss_and_leaves_the_model_untouched",
+    "hypernetwork_weights": "tests/test_hypernetwork_training.py::test_training_continues_a_web_ui_file",
+    "hypernetwork_enable_sizes": "tests/test_hypernetwork_training.py::test_two_processes_train_one_hypernetwork",
+    "hypernetwork_layer_structure": "tests/test_hypernetwork_training.py::test_dry_run_shows_the_hypernetwork",
+    **{k: "tests/test_hypernetwork_options.py::test_structure_flags_build_the_web_uis_structure" for k in (
+        "hypernetwork_activation_func", "hypernetwork_weight_init", "hypernetwork_add_layer_norm",
+        "hypernetwork_dropout_structure", "hypernetwork_activate_output")},
 }
 
 # options that cannot behave differently on a CPU-only machine, and why

@@ -12,6 +12,7 @@ from pydantic import field_validator, model_validator
 
 from sdtune.config import Field, Options
 from sdtune.data.options import DatasetOptions
+from sdtune.hypernetwork.options import HypernetworkOptions
 # The defaults that the optimizer and schedule builders apply are theirs, declared here by reference,
 # so that the builders need not import the options (which import their checks).
 from sdtune.train.optim import DEFAULT_OPTIMIZER
@@ -321,7 +322,7 @@ class SavingOptions(Options):
 
 
 class TrainOptions(ModelOptions, DatasetOptions, TrainingOptions, NoiseLossOptions, SavingOptions, RunOptions,
-                   SamplingOptions, LoggingOptions):
+                   SamplingOptions, LoggingOptions, HypernetworkOptions):
     """Everything `sdtune train` / `fine_tune.py` accepts."""
 
     @model_validator(mode="after")

@@ -48,3 +48,15 @@ def dry_run(opts: TrainOptions) -> None:
     print(f"training: {plural(steps, 'optimizer step')} = {plural(math.ceil(steps / max(1, per_epoch)), 'epoch')} of "
           f"{plural(per_epoch, 'step')} "
           f"(1 process; with N processes each epoch has about 1/N of the steps)")
+    if opts.hypernetwork_module:
+        for line in opts.hypernetwork_plan(_unet_config(opts.pretrained_model_name_or_path, family or SD1)):
+            print(line)
+
+
+def _unet_config(model: str | None, family: Family) -> dict:
+    """A Diffusers folder's own U-Net config, else the family's (single files have its shapes)."""
+    import json
+    from pathlib import Path
+
+    own = Path(model or "") / "unet" / "config.json"
+    return json.loads((own if own.is_file() else family.asset_dir / "unet" / "config.json").read_text())

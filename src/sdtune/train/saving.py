@@ -25,7 +25,7 @@ from pathlib import Path
 from sdtune.config import implied_value
 from sdtune.train.options import SavingOptions
 
-EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "diffusers": "", "diffusers_safetensors": ""}
+EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "diffusers": "", "diffusers_safetensors": "", "pt": ".pt"}
 
 
 def default_names(output_name: str | None) -> tuple[str, str, str]:

@@ -163,8 +163,3 @@ class FullFineTune(TrainingTarget):
             if ema is not None and not opts.save_ema:  # both: the trained weights and their average
                 save_trained(model, path_for(stem + "-ema"), use_ema=True, **kwargs)
         return main
-
-
-def target_for(opts: "TrainOptions") -> TrainingTarget:
-    """The target the options ask for."""
-    return FullFineTune(opts)

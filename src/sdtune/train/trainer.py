@@ -36,7 +36,7 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, opts: TrainOptions, target=None):
-        from sdtune.train.target import target_for
+        from sdtune.train.targets import target_for
 
         self.opts = opts
         self.target = target if target is not None else target_for(opts)
