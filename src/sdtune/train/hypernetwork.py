@@ -42,8 +42,7 @@ class HypernetworkedUNet(torch.nn.Module):
         return self._frozen[0]
 
     def forward(self, *args, **kwargs):
-        wrapped = self._frozen[0]
-        return wrapped(*args, **kwargs)
+        return self.unet(*args, **kwargs)
 
 
 class HypernetworkTarget(TrainingTarget):
