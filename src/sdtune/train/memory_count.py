@@ -18,6 +18,7 @@ flash attention scratch) and the allocator's rounding and fragmentation.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -35,7 +36,12 @@ class LiveBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self.marks: dict[str, int] = {}
-        self._size: dict[int, int] = {}  # id of a storage -> counted bytes
+        # id of a storage -> (weak reference, token); token -> counted bytes. Tokens, not ids, key the
+        # bytes: a storage freed late (by the garbage collector) must not release a newer one that
+        # took its id.
+        self._by_id: dict[int, tuple[weakref.ref, int]] = {}
+        self._bytes: dict[int, int] = {}
+        self._tokens = itertools.count()
 
     def track(self, tensors: Iterable[Any]) -> None:
         """Count tensors that exist already (parameters, buffers, optimizer state)."""
@@ -58,21 +64,25 @@ class LiveBytes(TorchDispatchMode):
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
             return
-        key = id(storage)
         nbytes = storage.nbytes()
-        old = self._size.get(key)
-        if old is None:
-            self._size[key] = nbytes
-            weakref.finalize(storage, self._free, key)
-        elif old != nbytes:  # a storage resized in place (out= kernels)
-            self._size[key] = nbytes
+        entry = self._by_id.get(id(storage))
+        if entry is not None and entry[0]() is storage:
+            token = entry[1]
+            old = self._bytes[token]
+            if old == nbytes:
+                return
+            self._bytes[token] = nbytes  # a storage resized in place (out= kernels)
+            self.live += nbytes - old
         else:
-            return
-        self.live += nbytes - (old or 0)
+            token = next(self._tokens)
+            self._bytes[token] = nbytes
+            self._by_id[id(storage)] = (weakref.ref(storage), token)
+            weakref.finalize(storage, self._free, token)
+            self.live += nbytes
         self.peak = max(self.peak, self.live)
 
-    def _free(self, key: int) -> None:
-        self.live -= self._size.pop(key, 0)
+    def _free(self, token: int) -> None:
+        self.live -= self._bytes.pop(token, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if _is_fake(args):

@@ -66,8 +66,8 @@ class RunShape:
     vae_on_device: bool = True  # images encoded every step (no latent cache) or validation images
     text_encoder_on_device: bool = True  # captions encoded every step (no text-embedding cache)
     frozen_in_compute_dtype: bool = True
-    use_ema: bool = False
-    ema_on_device: bool = True
+    use_ema: bool = False  # an EMA of the U-Net on the accelerator (float32)
+    fused_backward: bool = False  # each parameter stepped, and its gradient freed, as soon as it is complete
 
 
 @dataclass
@@ -267,11 +267,13 @@ def plan_unet_step(shape: RunShape, config: dict | None = None) -> dict[str, int
     checkpointable = [ckpt and m.kind in ("resnet", "transformer") for m in mods]
     kept = [act * m.channels_in * m.positions * shape.batch_size if c else f + w
             for m, f, w, c in zip(mods, full, casts, checkpointable)]
-    forward = weights + state + sum(kept)
+    # autocast keeps its weight casts until the forward pass ends, checkpointed modules' too
+    forward = weights + state + sum(kept) + sum(w for w, c in zip(casts, checkpointable) if c)
     # backward, module by module in reverse: its activations (recomputed when checkpointed), its
     # parameters' gradients, the gradients flowing through it and those waiting at skip connections
     backward = 0
     done_grads = 0
+    fused = shape.fused_backward
     pending: dict[int, int] = {}
     for i in range(len(mods) - 1, -1, -1):
         m = mods[i]
@@ -280,13 +282,152 @@ def plan_unet_step(shape: RunShape, config: dict | None = None) -> dict[str, int
         flow = act * (m.channels_in + m.channels_out) * m.positions * shape.batch_size
         live = weights + state + sum(kept[:i + 1]) + own + done_grads + module_grads + flow + sum(pending.values())
         backward = max(backward, live)
-        done_grads += module_grads
+        if not fused:  # fused: stepped and freed at once
+            done_grads += module_grads
         pending.pop(i, None)
         if m.skip_of is not None:
             src = mods[m.skip_of]
             pending[m.skip_of] = act * src.channels_out * src.positions * shape.batch_size
     step = weights + grads + state + _step_transient(shape, shapes, wb)
+    if fused:  # the steps happen inside the backward pass, one parameter at a time
+        largest = [max(shapes, key=math.prod)]
+        backward += _step_transient(shape, largest, wb)
+        step = 0
     out = {"weights": weights, "gradients": grads, "state": state, "activations": sum(kept),
            "forward": forward, "backward": backward, "step": step}
     out["peak"] = max(forward, backward, step)
     return out
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+@dataclass
+class RunMemory:
+    shape: RunShape
+    unet: dict[str, int]
+    extras: dict[str, int]  # frozen VAE / text encoder, trained text encoder, EMA
+
+    @property
+    def peak(self) -> int:
+        """Tensor bytes at the peak (what bench/memory.py counts), frozen parts included."""
+        return self.unet["peak"] + sum(self.extras.values())
+
+    @property
+    def total(self) -> int:
+        """The peak plus the CUDA context and the allocator's slack: what the card must have."""
+        return int(self.peak * (1 + ALLOCATOR_SLACK)) + CONTEXT_BYTES
+
+    @property
+    def phase(self) -> str:
+        return max(("forward", "backward", "step"), key=lambda k: self.unet[k])
+
+
+def predict_run(shape: RunShape, config: dict | None = None) -> RunMemory:
+    frozen_bytes = 2 if shape.frozen_in_compute_dtype and shape.mixed_precision in ("bf16", "fp16") else 4
+    family = "sd2" if shape.family.startswith("sd2") else "sd1"
+    extras: dict[str, int] = {}
+    if shape.vae_on_device:
+        extras["VAE (frozen)"] = frozen_bytes * _VAE_PARAMS
+    te = _TEXT_ENCODER_PARAMS[family]
+    if shape.train_text_encoder:
+        wb = 2 if shape.full_bf16 or shape.full_fp16 else 4
+        extras["text encoder (trained)"] = te * (2 * wb) + _state_bytes(shape.optimizer, [(te,)], wb)
+    elif shape.text_encoder_on_device:
+        extras["text encoder (frozen)"] = frozen_bytes * te
+    unet = plan_unet_step(shape, config)
+    if shape.use_ema:
+        extras["EMA of the U-Net"] = 4 * unet["weights"] // (2 if shape.full_bf16 or shape.full_fp16 else 4)
+    return RunMemory(shape, unet, extras)
+
+
+def _changes(shape: RunShape, fused_available: bool) -> list[tuple[str, dict]]:
+    """Memory-saving changes, cheapest first (what they cost: nothing, speed, precision, the batch)."""
+    out: list[tuple[str, dict]] = []
+    if shape.vae_on_device:
+        out.append(("--cache_latents", {"vae_on_device": False}))
+    if not shape.gradient_checkpointing:
+        out.append(("--gradient_checkpointing", {"gradient_checkpointing": True}))
+    if shape.optimizer.lower() in ("adamw", "adam"):
+        out.append(("--optimizer_type AdamW8bit", {"optimizer": "AdamW8bit"}))
+    if fused_available and not shape.fused_backward and shape.optimizer.lower() in ("adamw", "adamw8bit", "adafactor"):
+        out.append(("--fused_backward_pass", {"fused_backward": True}))
+    if not (shape.full_bf16 or shape.full_fp16):
+        flag = "--full_bf16" if shape.mixed_precision == "bf16" else "--mixed_precision bf16 --full_bf16"
+        out.append((flag, {"mixed_precision": "bf16", "full_bf16": True}))
+    return out
+
+
+def cheapest_fit(shape: RunShape, budget: int, config: dict | None = None,
+                 fused_available: bool = False) -> tuple[list[str], RunMemory] | None:
+    """The fewest changes (among equals, the cheapest by `_changes`' order) whose run fits in
+    `budget` bytes; failing all, every change and the largest batch that fits. None when nothing fits."""
+    from dataclasses import replace
+    from itertools import combinations
+
+    changes = _changes(shape, fused_available)
+    subsets = [c for k in range(1, len(changes) + 1) for c in combinations(range(len(changes)), k)]
+    for subset in sorted(subsets, key=lambda c: (len(c), sum(c))):
+        update = {key: value for i in subset for key, value in changes[i][1].items()}
+        run = predict_run(replace(shape, **update), config)
+        if run.total <= budget:
+            return [changes[i][0] for i in subset], run
+    everything = replace(shape, **{k: v for _flag, update in changes for k, v in update.items()})
+    batch = everything.batch_size
+    while batch > 1:
+        batch //= 2
+        run = predict_run(replace(everything, batch_size=batch), config)
+        if run.total <= budget:
+            return [*(flag for flag, _u in changes), f"--train_batch_size {batch}"], run
+    return None
+
+
+def describe(run: RunMemory, vram_gib: float | None = None, fused_available: bool = False) -> list[str]:
+    """The lines --dry_run prints."""
+    s, u = run.shape, run.unet
+    w, h = (s.resolution, s.resolution) if isinstance(s.resolution, int) else s.resolution
+    wdt = "bf16" if s.full_bf16 else "fp16" if s.full_fp16 else "fp32"
+    prec = {"no": "float32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision"}[s.mixed_precision]
+    lines = [f"memory (predicted, on the accelerator): largest batch {s.batch_size} x {w}x{h}, {prec}, "
+             f"{s.optimizer}{', gradient checkpointing' if s.gradient_checkpointing else ''}",
+             f"  U-Net: weights {_g(u['weights'])} ({wdt}), gradients {_g(u['gradients'])}, optimizer state "
+             f"{_g(u['state'])}, activations {_g(u['activations'])} at the end of the forward pass"]
+    if run.extras:
+        lines.append("  also: " + ", ".join(f"{k} {_g(v)}" for k, v in run.extras.items()))
+    where = {"forward": "forward pass", "backward": "backward pass", "step": "optimizer step"}[run.phase]
+    lines.append(f"  peak {_g(run.peak)} of tensors (in the {where}); about {_g(run.total)} with the CUDA context "
+                 "and the allocator's slack")
+    if vram_gib is None:
+        return lines
+    budget = int(vram_gib * GIB)
+    if run.total <= budget:
+        lines.append(f"  fits in {vram_gib:g} GiB ({_g(budget - run.total)} to spare)")
+        return lines
+    found = cheapest_fit(s, budget, fused_available=fused_available)
+    if found is None:
+        lines.append(f"  does not fit in {vram_gib:g} GiB, not even with every memory option and batch size 1")
+    else:
+        flags, fitting = found
+        lines.append(f"  does not fit in {vram_gib:g} GiB; the cheapest change that fits: {' '.join(flags)} "
+                     f"(about {_g(fitting.total)})")
+    return lines
+
+
+def _g(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def shape_from_options(opts, family_assets: str, plan=None) -> RunShape:
+    """The RunShape of `sdtune train` options (TrainOptions) with the dataset plan's largest batch."""
+    resolution: int | tuple[int, int] = 512 if family_assets == "sd1" else 768
+    batch = opts.train_batch_size
+    if plan is not None and plan.samples:
+        d, bucket = max(plan.groups(), key=lambda k: k[1][0] * k[1][1] * plan.datasets[k[0]].batch_size)
+        resolution, batch = (bucket[0], bucket[1]), plan.datasets[d].batch_size
+    text_cached = bool(opts.cache_dir or opts.cache_latents_to_disk) and not opts.train_text_encoder
+    return RunShape(family=family_assets, resolution=resolution, batch_size=batch,
+                    mixed_precision=opts.mixed_precision, full_bf16=opts.full_bf16, full_fp16=opts.full_fp16,
+                    gradient_checkpointing=opts.gradient_checkpointing, optimizer=opts.effective_optimizer,
+                    train_text_encoder=opts.train_text_encoder, vae_on_device=not opts.caches_latents,
+                    text_encoder_on_device=not text_cached, use_ema=opts.ema and not opts.ema_cpu,
+                    fused_backward=bool(getattr(opts, "fused_backward_pass", False)))

@@ -48,3 +48,16 @@ def dry_run(opts: TrainOptions) -> None:
     print(f"training: {plural(steps, 'optimizer step')} = {plural(math.ceil(steps / max(1, per_epoch)), 'epoch')} of "
           f"{plural(per_epoch, 'step')} "
           f"(1 process; with N processes each epoch has about 1/N of the steps)")
+    print_memory(opts, family or SD1, plan)
+
+
+def print_memory(opts: TrainOptions, family: Family, plan) -> None:
+    """The predicted peak accelerator memory (sdtune.train.memory_plan), and with --vram whether it fits."""
+    from sdtune.train import memory_plan
+    from sdtune.train.options import TrainOptions as _Options
+
+    shape = memory_plan.shape_from_options(opts, family.assets, plan)
+    run = memory_plan.predict_run(shape)
+    fused = "fused_backward_pass" in _Options.model_fields
+    for line in memory_plan.describe(run, opts.vram, fused_available=fused):
+        print(line)
