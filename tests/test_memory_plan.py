@@ -11,6 +11,22 @@ from sdtune.train.memory_plan import (GIB, RunShape, load_unet_config, parameter
 # random weights, batch 1, CUDA autocast rules) on the real-size U-Nets: docs/benchmarks.md.
 MEASURED = {
     # (family, resolution, set): GiB
+    ("sd1", 512, "fp32_adamw"): 16.01,
+    ("sd1", 512, "bf16_ckpt_adamw"): 16.01,
+    ("sd1", 512, "bf16_ckpt_adamw8bit"): 8.14,
+    ("sd1", 512, "bf16_ckpt_adafactor"): 8.402,
+    ("sd1", 768, "fp32_adamw"): 16.01,
+    ("sd1", 768, "bf16_ckpt_adamw"): 16.01,
+    ("sd1", 768, "bf16_ckpt_adamw8bit"): 8.317,
+    ("sd1", 768, "bf16_ckpt_adafactor"): 8.402,
+    ("sd2", 512, "fp32_adamw"): 16.129,
+    ("sd2", 512, "bf16_ckpt_adamw"): 16.129,
+    ("sd2", 512, "bf16_ckpt_adamw8bit"): 8.198,
+    ("sd2", 512, "bf16_ckpt_adafactor"): 8.265,
+    ("sd2", 768, "fp32_adamw"): 16.129,
+    ("sd2", 768, "bf16_ckpt_adamw"): 16.129,
+    ("sd2", 768, "bf16_ckpt_adamw8bit"): 8.376,
+    ("sd2", 768, "bf16_ckpt_adafactor"): 8.265,
 }
 SETS = {
     "fp32_adamw": {},
