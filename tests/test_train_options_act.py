@@ -108,6 +108,7 @@ HERE = {
 
 # option -> "tests/<file>.py::<test>" that covers it (the loop hands these to the named component)
 ELSEWHERE = {
+    "vram": "tests/test_memory_plan.py::test_dry_run_vram_8_names_the_cheapest_change_that_fits",
     # noise and loss: the loop builds DiffusionObjective.from_options(opts) (noise_offset above shows it does)
     **{k: "tests/test_noise_loss.py::test_from_options_reads_every_field" for k in (
         "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount",

@@ -360,46 +360,127 @@ def round_stochastic_bf16(x: "torch.Tensor", generator: "torch.Generator") -> "t
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def add_bf16_stochastic_rounding(optimizer: "torch.optim.Optimizer", generator: "torch.Generator") -> None:
+# Optimizers whose step updates each parameter from its own gradient and state alone, so stepping
+# them a chunk of parameters at a time gives the same result as one step over all of them. The
+# others (Prodigy and D-Adaptation estimate one step size over all parameters, the schedule-free
+# ones count steps per group) are stepped whole.
+SEPARABLE_OPTIMIZERS = frozenset({
+    "AdamW", "Adam", "SGD", "RAdam", "NAdam", "Adamax", "Adagrad", "RMSprop", "Adadelta", "Rprop",
+    "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion8bit", "PagedLion8bit", "SGD8bit",
+    "Lion", "Adafactor",
+})
+# Elements stepped together in float32: small parameters are batched up to this many (fewer Python
+# calls), a larger parameter is stepped alone. The float32 transient is ~16 bytes per element of a chunk.
+BF16_CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(opt: Any, limit: int) -> Iterator[tuple[int, list[Any]]]:
+    """(group index, parameters) in the optimizer's own order, each chunk at most `limit` elements
+    unless one parameter is larger."""
+    for gi, group in enumerate(opt.param_groups):
+        chunk: list[Any] = []
+        size = 0
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if chunk and size + p.numel() > limit:
+                yield gi, chunk
+                chunk, size = [], 0
+            chunk.append(p)
+            size += p.numel()
+        if chunk:
+            yield gi, chunk
+
+
+def add_bf16_stochastic_rounding(optimizer: "torch.optim.Optimizer", generator: "torch.Generator",
+                                 chunk_elements: int = BF16_CHUNK_ELEMENTS) -> bool:
     """Make any optimizer over bfloat16 parameters step in float32 and round back stochastically.
 
-    Done with the optimizer's step hooks rather than per-optimizer code (OneTrainer's approach), so
-    it works for every optimizer sdtune builds, bitsandbytes' 8-bit ones included: before a step,
-    parameters, gradients and bf16 state tensors become float32; after it they are rounded back.
-    Only the parameters being stepped are float32 at any time, never a persistent master copy.
+    The parameters, gradients and bf16 state tensors of one chunk of parameters at a time become
+    float32, are stepped, and are rounded back before the next chunk, so the float32 transient is
+    one chunk's (the largest parameter's, for an SD U-Net ~0.5 GB), never the model's 16 bytes per
+    weight, and there is no persistent master copy. Works for every optimizer sdtune builds,
+    bitsandbytes' 8-bit ones included; optimizers whose step couples parameters (not in
+    SEPARABLE_OPTIMIZERS) are upcast and stepped whole. Returns whether the step is chunked.
     `generator` must draw the same numbers on every process, so that data-parallel replicas stay
-    identical.
+    identical; the draws are in parameter order either way.
     """
-    import torch
+    import types
 
     inner = _unwrap(optimizer)
-    upcast: list[torch.Tensor] = []
+    if type(inner).__name__ not in SEPARABLE_OPTIMIZERS:
+        _round_whole_step(inner, generator)
+        return False
+    cls_step = type(inner).step
+
+    def step(self, closure=None):
+        if closure is not None:
+            raise UserError("a closure would be evaluated once per chunk of parameters under --full_bf16")
+        if getattr(self, "initialized", True) is False:  # bitsandbytes: its one-off set-up sees every parameter
+            self.check_overrides()
+            self.to_gpu()
+            self.initialized = True
+        groups = [g["params"] for g in self.param_groups]
+        try:
+            for gi, chunk in list(_chunks(self, chunk_elements)):
+                for g in self.param_groups:
+                    g["params"] = []
+                self.param_groups[gi]["params"] = chunk
+                upcast = [p for p in chunk if _to_float32(self, p)]
+                cls_step(self)
+                for p in upcast:
+                    _round_back(self, p, generator)
+        finally:
+            for g, params in zip(self.param_groups, groups):
+                g["params"] = params
+        return None
+
+    inner.step = types.MethodType(step, inner)
+    return True
+
+
+def _to_float32(opt: Any, p: "torch.Tensor") -> bool:
+    import torch
+
+    if p.dtype != torch.bfloat16 or p.grad is None:
+        return False
+    grad = p.grad.float()
+    p.grad = None  # the bf16 gradient is freed before the float32 weight is made
+    p.data = p.data.float()
+    p.grad = grad
+    state = opt.state.get(p, {})
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.dtype == torch.bfloat16:
+            state[key] = value.float()
+    return True
+
+
+def _round_back(opt: Any, p: "torch.Tensor", generator: "torch.Generator") -> None:
+    import torch
+
+    p.grad = None  # the loop zeroes gradients right after the step anyway
+    p.data = round_stochastic_bf16(p.data, generator)
+    state = opt.state.get(p, {})
+    for key, value in state.items():
+        # moments shaped like the weight go back to bf16 (else the state would double the memory)
+        if torch.is_tensor(value) and value.dtype == torch.float32 and value.shape == p.shape:
+            state[key] = round_stochastic_bf16(value, generator)
+
+
+def _round_whole_step(inner: Any, generator: "torch.Generator") -> None:
+    """Every parameter upcast before the step and rounded after it (a transient of the whole model)."""
+    upcast: list[Any] = []
 
     def before(opt, args, kwargs):
         upcast.clear()
         for group in opt.param_groups:
             for p in group["params"]:
-                if p.dtype != torch.bfloat16 or p.grad is None:
-                    continue
-                grad = p.grad.float()
-                p.grad = None
-                p.data = p.data.float()
-                p.grad = grad
-                state = opt.state.get(p, {})
-                for key, value in state.items():
-                    if torch.is_tensor(value) and value.dtype == torch.bfloat16:
-                        state[key] = value.float()
-                upcast.append(p)
+                if _to_float32(opt, p):
+                    upcast.append(p)
 
     def after(opt, args, kwargs):
         for p in upcast:
-            p.grad = None  # the loop zeroes gradients right after the step anyway
-            p.data = round_stochastic_bf16(p.data, generator)
-            state = opt.state.get(p, {})
-            for key, value in state.items():
-                # moments shaped like the weight go back to bf16 (else the state would double the memory)
-                if torch.is_tensor(value) and value.dtype == torch.float32 and value.shape == p.shape:
-                    state[key] = round_stochastic_bf16(value, generator)
+            _round_back(opt, p, generator)
         upcast.clear()
 
     inner.register_step_pre_hook(before)

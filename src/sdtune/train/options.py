@@ -74,6 +74,8 @@ class TrainingOptions(Options):
     full_bf16: bool = Field(False, "U-Net (and trained text encoder) weights in bfloat16, updated with stochastic "
                             "rounding; needs --mixed_precision bf16", group="Training")
     gradient_checkpointing: bool = Field(False, "recompute activations in the backward pass to save memory", group="Training")
+    vram: float | None = Field(None, "with --dry_run: the accelerator's memory in GiB; says whether the run fits and "
+                               "the cheapest change that would make it fit", group="Training", gt=0, metavar="GB")
     sdpa: bool = Field(False, "attention through torch's scaled_dot_product_attention (the default anyway)", group="Training")
     xformers: bool = Field(False, "attention through xformers (falls back to torch SDPA, with a note, when not installed)",
                            group="Training")
@@ -339,6 +341,13 @@ class TrainOptions(ModelOptions, DatasetOptions, TrainingOptions, NoiseLossOptio
             raise UserError("--use_safetensors contradicts --save_model_as ckpt", fix="Drop one of them.")
         if not self.output_dir and not self.dry_run:
             raise UserError("no output folder given", where="--output_dir", fix="Pass --output_dir DIR.")
+        if self.vram is not None and not self.dry_run:
+            raise UserError("--vram only says whether a planned run fits; it does not limit training", where="--vram",
+                            fix="Add --dry_run to see the prediction, or drop --vram.")
+        if self.vram is not None and self.hypernetwork_module:
+            raise UserError("the memory planner predicts full fine-tuning, not hypernetwork training "
+                            "(a frozen model and a small network take far less)", where="--vram",
+                            fix="Drop --vram; --dry_run lists the hypernetwork's size.")
         if self.initial_step is not None and self.initial_epoch is not None:
             raise UserError("--initial_step and --initial_epoch both set where training starts", where="--initial_epoch",
                             fix="Keep one of them (sd-scripts lets --initial_step win).")

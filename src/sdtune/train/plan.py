@@ -51,6 +51,8 @@ def dry_run(opts: TrainOptions) -> None:
     if opts.hypernetwork_module:
         for line in opts.hypernetwork_plan(_unet_config(opts.pretrained_model_name_or_path, family or SD1)):
             print(line)
+    else:  # the planner models full fine-tuning (--vram is refused with a hypernetwork)
+        print_memory(opts, family or SD1, plan)
 
 
 def _unet_config(model: str | None, family: Family) -> dict:
@@ -60,3 +62,15 @@ def _unet_config(model: str | None, family: Family) -> dict:
 
     own = Path(model or "") / "unet" / "config.json"
     return json.loads((own if own.is_file() else family.asset_dir / "unet" / "config.json").read_text())
+
+
+def print_memory(opts: TrainOptions, family: Family, plan) -> None:
+    """The predicted peak accelerator memory (sdtune.train.memory_plan), and with --vram whether it fits."""
+    from sdtune.train import memory_plan
+    from sdtune.train.options import TrainOptions as _Options
+
+    shape = memory_plan.shape_from_options(opts, family.assets, plan)
+    run = memory_plan.predict_run(shape)
+    fused = "fused_backward_pass" in _Options.model_fields
+    for line in memory_plan.describe(run, opts.vram, fused_available=fused):
+        print(line)

@@ -1,0 +1,119 @@
+"""The memory planner: the U-Net on paper has diffusers' parameters, its predictions are within 10 %
+of what bench/memory.py counted on the real-size U-Nets, and --dry_run --vram says what fits."""
+
+import pytest
+
+from sdtune.errors import UserError
+from sdtune.train.memory_plan import (GIB, RunShape, load_unet_config, parameter_count, plan_unet_step,
+                                      predict_run, unet_modules)
+
+# Peak live tensor bytes of one training step (GiB) counted by `python bench/memory.py` (FakeTensorMode,
+# random weights, batch 1, CUDA autocast rules) on the real-size U-Nets: docs/benchmarks.md.
+MEASURED = {
+    # (family, resolution, set): GiB
+    ("sd1", 512, "fp32_adamw"): 16.01,
+    ("sd1", 512, "bf16_ckpt_adamw"): 16.01,
+    ("sd1", 512, "bf16_ckpt_adamw8bit"): 8.14,
+    ("sd1", 512, "bf16_ckpt_adafactor"): 8.402,
+    ("sd1", 768, "fp32_adamw"): 16.01,
+    ("sd1", 768, "bf16_ckpt_adamw"): 16.01,
+    ("sd1", 768, "bf16_ckpt_adamw8bit"): 8.317,
+    ("sd1", 768, "bf16_ckpt_adafactor"): 8.402,
+    ("sd2", 512, "fp32_adamw"): 16.129,
+    ("sd2", 512, "bf16_ckpt_adamw"): 16.129,
+    ("sd2", 512, "bf16_ckpt_adamw8bit"): 8.198,
+    ("sd2", 512, "bf16_ckpt_adafactor"): 8.265,
+    ("sd2", 768, "fp32_adamw"): 16.129,
+    ("sd2", 768, "bf16_ckpt_adamw"): 16.129,
+    ("sd2", 768, "bf16_ckpt_adamw8bit"): 8.376,
+    ("sd2", 768, "bf16_ckpt_adafactor"): 8.265,
+}
+SETS = {
+    "fp32_adamw": {},
+    "bf16_ckpt_adamw": {"mixed_precision": "bf16", "gradient_checkpointing": True},
+    "bf16_ckpt_adamw8bit": {"mixed_precision": "bf16", "gradient_checkpointing": True, "optimizer": "AdamW8bit"},
+    "bf16_ckpt_adafactor": {"mixed_precision": "bf16", "gradient_checkpointing": True, "optimizer": "Adafactor"},
+    "full_bf16_adamw": {"mixed_precision": "bf16", "full_bf16": True},
+    "full_bf16_ckpt_adamw": {"mixed_precision": "bf16", "full_bf16": True, "gradient_checkpointing": True},
+    "full_bf16_ckpt_adamw8bit": {"mixed_precision": "bf16", "full_bf16": True, "gradient_checkpointing": True,
+                                 "optimizer": "AdamW8bit"},
+    "full_bf16_ckpt_adafactor": {"mixed_precision": "bf16", "full_bf16": True, "gradient_checkpointing": True,
+                                 "optimizer": "Adafactor"},
+}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_parameters_on_paper_are_diffusers_parameters(family):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = load_unet_config(family)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    shapes = sorted(tuple(p.shape) for p in unet.parameters())
+    on_paper = sorted(s for m in unet_modules(config, 512, 512) for s in m.params)
+    assert on_paper == shapes
+    assert parameter_count(on_paper) == {"sd1": 859_520_964, "sd2": 865_910_724}[family]
+
+
+@pytest.mark.parametrize("key", sorted(MEASURED))
+def test_prediction_within_ten_percent_of_the_bench(key):
+    family, resolution, name = key
+    predicted = plan_unet_step(RunShape(family=family, resolution=resolution, **SETS[name]))["peak"] / GIB
+    assert predicted == pytest.approx(MEASURED[key], rel=0.10)
+
+
+def test_memory_options_save_what_they_should():
+    """Hand-derived parts of SD 1.5 (859.5 M parameters): fp32 AdamW keeps 4 + 4 + 8 bytes per weight;
+    --full_bf16 halves all three; 8-bit AdamW keeps 2 bytes of state per weight."""
+    n = 859_520_964
+    fp32 = plan_unet_step(RunShape())
+    assert (fp32["weights"], fp32["gradients"], fp32["state"]) == (4 * n, 4 * n, 8 * n)
+    half = plan_unet_step(RunShape(mixed_precision="bf16", full_bf16=True))
+    assert (half["weights"], half["gradients"], half["state"]) == (2 * n, 2 * n, 4 * n)
+    eight = plan_unet_step(RunShape(optimizer="AdamW8bit"))
+    assert eight["state"] == pytest.approx(2 * n, rel=0.02)
+    # float32 activations grow with the area and the batch (with flash/memory-efficient attention);
+    # checkpointing keeps only the blocks' inputs
+    a512 = plan_unet_step(RunShape())["activations"]
+    a768 = plan_unet_step(RunShape(resolution=768))["activations"]
+    assert a768 == pytest.approx(a512 * 768 ** 2 / 512 ** 2, rel=0.01)
+    assert plan_unet_step(RunShape(batch_size=2))["activations"] == pytest.approx(2 * a512, rel=0.01)
+    assert plan_unet_step(RunShape(gradient_checkpointing=True))["activations"] < a512 / 4
+    # bf16 autocast keeps a bf16 copy of every float32 matrix and convolution weight until the backward pass
+    casts = plan_unet_step(RunShape(mixed_precision="bf16"))["activations"] - a512 * 0.5
+    assert casts == pytest.approx(2 * n, rel=0.25)
+
+
+def test_frozen_parts_in_the_compute_dtype():
+    fp32 = predict_run(RunShape(mixed_precision="bf16", frozen_in_compute_dtype=False))
+    bf16 = predict_run(RunShape(mixed_precision="bf16"))
+    assert fp32.extras["VAE (frozen)"] == 2 * bf16.extras["VAE (frozen)"] == 4 * 83_653_863
+    assert "VAE (frozen)" not in predict_run(RunShape(vae_on_device=False)).extras
+
+
+def _dry_run(tmp_path, capsys, *extra):
+    from sdtune.cli import main
+    from sdtune.testing import make_dataset, write_tiny_model
+
+    model = write_tiny_model(tmp_path / "sd1.safetensors", "sd1")  # an SD1 header: the family's real config
+    make_dataset(tmp_path / "data", n=2, metadata=tmp_path / "meta.json")
+    assert main(["train", "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(tmp_path / "data"),
+                 "--in_json", str(tmp_path / "meta.json"), "--resolution", "512", "--dry_run", *extra]) == 0
+    return capsys.readouterr().out
+
+
+def test_dry_run_vram_8_names_the_cheapest_change_that_fits(tmp_path, capsys):
+    out = _dry_run(tmp_path, capsys, "--vram", "8", "--mixed_precision", "bf16")
+    assert "largest batch 1 x 512x512, bf16 mixed precision, AdamW" in out
+    line = next(x for x in out.splitlines() if "does not fit in 8 GiB" in x)
+    assert "--full_bf16" in line  # bf16 AdamW on fp32 weights needs 16 GiB; no single smaller change does it
+    out = _dry_run(tmp_path, capsys, "--vram", "24", "--mixed_precision", "bf16", "--gradient_checkpointing")
+    assert "fits in 24 GiB" in out
+
+
+def test_vram_without_dry_run_is_refused():
+    from sdtune.train.options import TrainOptions
+
+    with pytest.raises(UserError, match="--vram.*--dry_run"):
+        TrainOptions(pretrained_model_name_or_path="m.safetensors", output_dir="o", vram=8)
