@@ -90,8 +90,9 @@ def test_a_save_that_fails_on_the_main_process_stops_both(tmp_path, run_in_sessi
     assert proc.returncode != 0
     assert "cannot write at-step00000001.safetensors: the disk is full" in proc.stderr, proc.stderr[-3000:]
     assert "another process failed (its message is above)" in proc.stderr  # the other rank, told at once
-    assert not list((tmp_path / "out").glob("*.safetensors"))
-    assert not [p.name for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
+    # nothing is left: no model, no temporary file (the folder itself goes when the run made it empty)
+    out = tmp_path / "out"
+    assert not out.exists() or not [p.name for p in out.iterdir() if p.suffix == ".safetensors" or ".tmp-" in p.name]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo launch is tested on Linux")
