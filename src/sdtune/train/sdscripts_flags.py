@@ -26,7 +26,6 @@ NOT_SUPPORTED: dict[str, str] = {
     "fp16_master_weights_and_gradients": "DeepSpeed is not supported (a ZeRO option); for float16 weights use "
                                          "--full_fp16, for bfloat16 --full_bf16",
     "fp8_base": "fp8 base weights are not supported for full fine-tuning",
-    "fused_backward_pass": "the fused backward pass is not supported",
     "dataset_class": "custom dataset classes are not supported; use a dataset TOML",
     "debug_dataset": "the OpenCV dataset viewer is not supported; use --dry_run to inspect buckets",
     "huggingface_repo_id": "uploading to the Hugging Face hub is not supported",
@@ -52,7 +51,7 @@ NOT_SUPPORTED: dict[str, str] = {
 PLANNED: dict[str, str] = {
     name: "not implemented yet in this version of sdtune"
     for name in (
-        "torch_compile", "dynamo_backend", "ddp_timeout",
+        "ddp_timeout",
         "ddp_gradient_as_bucket_view", "ddp_static_graph",
     )
 }
