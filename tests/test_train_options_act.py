@@ -109,6 +109,9 @@ HERE = {
 # option -> "tests/<file>.py::<test>" that covers it (the loop hands these to the named component)
 ELSEWHERE = {
     "vram": "tests/test_memory_plan.py::test_dry_run_vram_8_names_the_cheapest_change_that_fits",
+    "fused_backward_pass": "tests/test_fused_backward.py::test_training_run_with_the_flag_matches_the_unfused_run",
+    "torch_compile": "tests/test_compiled.py::test_compiled_run_has_the_uncompiled_losses_and_weights",
+    "dynamo_backend": "tests/test_compiled.py::test_compiled_run_has_the_uncompiled_losses_and_weights",
     # noise and loss: the loop builds DiffusionObjective.from_options(opts) (noise_offset above shows it does)
     **{k: "tests/test_noise_loss.py::test_from_options_reads_every_field" for k in (
         "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount",

@@ -73,6 +73,16 @@ class TrainingOptions(Options):
                             "--mixed_precision fp16 and a CUDA GPU", group="Training")
     full_bf16: bool = Field(False, "U-Net (and trained text encoder) weights in bfloat16, updated with stochastic "
                             "rounding; needs --mixed_precision bf16", group="Training")
+    fused_backward_pass: bool = Field(False, "step each parameter as soon as its gradient is complete and free that "
+                                      "gradient (saves the memory of the whole model's gradients); AdamW, AdamW8bit "
+                                      "or Adafactor, no gradient accumulation; --max_grad_norm then clips each "
+                                      "parameter's gradient on its own, as in sd-scripts", group="Training")
+    torch_compile: bool = Field(False, "compile the U-Net with torch.compile (faster steps after a slower first one)",
+                                group="Training")
+    dynamo_backend: Literal["eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
+                            "fx2trt", "onnxrt", "tensort", "ipex", "tvm"] | None = Field(
+        None, "torch.compile backend for --torch_compile (default inductor; needs a C++ compiler on the CPU)",
+        group="Training")
     gradient_checkpointing: bool = Field(False, "recompute activations in the backward pass to save memory", group="Training")
     vram: float | None = Field(None, "with --dry_run: the accelerator's memory in GiB; says whether the run fits and "
                                "the cheapest change that would make it fit", group="Training", gt=0, metavar="GB")
@@ -125,6 +135,23 @@ class TrainingOptions(Options):
             if getattr(self, flag) and self.mixed_precision != wanted:
                 raise UserError(f"needs --mixed_precision {wanted} (got {self.mixed_precision})", where=f"--{flag}",
                                 fix=f"Add --mixed_precision {wanted}.")
+        return self
+
+    @model_validator(mode="after")
+    def _compile(self):
+        from sdtune.train.compiled import check_options
+
+        check_options(self.torch_compile, self.dynamo_backend)
+        return self
+
+    @model_validator(mode="after")
+    def _fused(self):
+        from sdtune.train.fused import check_options
+        from sdtune.train.optim import resolve_optimizer_name
+
+        if self.fused_backward_pass:
+            check_options(resolve_optimizer_name(self.optimizer_type, self.use_8bit_adam, self.use_lion_optimizer),
+                          self.gradient_accumulation_steps, self.mixed_precision)
         return self
 
 

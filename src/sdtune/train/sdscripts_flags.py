@@ -16,7 +16,6 @@ import argparse
 # flag -> why / what to do instead
 NOT_SUPPORTED: dict[str, str] = {
     "fp8_base": "fp8 base weights are not supported for full fine-tuning",
-    "fused_backward_pass": "the fused backward pass is not supported",
     "dataset_class": "custom dataset classes are not supported; use a dataset TOML",
     "debug_dataset": "the OpenCV dataset viewer is not supported; use --dry_run to inspect buckets",
     "huggingface_repo_id": "uploading to the Hugging Face hub is not supported",
@@ -40,7 +39,6 @@ NOT_SUPPORTED: dict[str, str] = {
 # Flags that sd-scripts documents and sdtune means to implement; refused until then, so that none is
 # silently ignored.
 PLANNED: dict[str, str] = {
-    **{name: "not implemented yet in this version of sdtune" for name in ("torch_compile", "dynamo_backend")},
     # the options and accelerate's plugin exist (train/zero.py); the trainer does not run under ZeRO yet
     **{name: "DeepSpeed is not wired into the trainer yet; use plain multi-GPU data parallel through accelerate "
              "(docs/distributed.md)" for name in (

@@ -123,9 +123,10 @@ class Trainer:
                 raise diverged(self.global_step + 1, loss.item(), opts)
             run.accelerator.backward(loss)
             grad_norm = None
-            if run.accelerator.sync_gradients and opts.max_grad_norm > 0:
-                grad_norm = run.accelerator.clip_grad_norm_(self.params, opts.max_grad_norm)
-            self.optimizer.step()
+            if self.fused is None:  # else each parameter was clipped and stepped inside backward()
+                if run.accelerator.sync_gradients and opts.max_grad_norm > 0:
+                    grad_norm = run.accelerator.clip_grad_norm_(self.params, opts.max_grad_norm)
+                self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.micro.append(loss.detach().item())
@@ -318,7 +319,7 @@ class Trainer:
     # ------------------------------------------------------------------ building the run
 
     def _build(self) -> None:
-        from sdtune.train import sampling
+        from sdtune.train import compiled, sampling
         from sdtune.train.predict import Predictor
         from sdtune.train.prompts import load_prompts
         from sdtune.train.setup import mem_eff_context, weight_dtype
@@ -335,6 +336,8 @@ class Trainer:
         self.scaling = data.model.vae.config.scaling_factor
         self.compute_dtype = weight_dtype(run.accelerator)
         self.target.place(data.model, device=run.device, compute_dtype=self.compute_dtype, note=run.note)
+        if opts.torch_compile:
+            compiled.compile_in_place(self.target.denoiser, opts.dynamo_backend, run.note)
         self.text = build.build_text(run, data, self.target)
         self.predictor = Predictor(data.objective, run.accelerator.autocast, lambda: mem_eff_context(opts))
         self._build_optimizer()
@@ -345,7 +348,7 @@ class Trainer:
     def _build_optimizer(self) -> None:
         import torch
 
-        from sdtune.train import optim, schedules
+        from sdtune.train import fused, optim, schedules
         from sdtune.train.accel import allow_fp16_gradients
         from sdtune.train.ema import EMA
 
@@ -370,6 +373,7 @@ class Trainer:
         if target.conditioning_encoder is not None:
             self.text.conditioner.text_encoder = target.conditioning_encoder
         self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        self.fused = fused.attach(self.optimizer, opts.max_grad_norm, run.world) if opts.fused_backward_pass else None
         if opts.full_fp16:
             allow_fp16_gradients(run.accelerator)
         self.ema = None
