@@ -19,6 +19,8 @@ from sdtune.testing import build_tiny_model, write_tiny_model, write_training_wo
 from sdtune.train import fused, optim
 from sdtune.train.options import TrainOptions
 
+pytestmark = pytest.mark.slow  # U-Net steps with three optimizers and a training run: ~40 s
+
 
 def _inputs(unet, seed: int):
     gen = torch.Generator().manual_seed(seed)

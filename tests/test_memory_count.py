@@ -58,6 +58,7 @@ def _count(fake: bool, opts: StepOptions, optimizers: list[str]) -> dict:
                                    chunking={"chunk_elements": 256})
 
 
+@pytest.mark.slow  # three small U-Net steps, real and fake: ~35 s
 @pytest.mark.parametrize("opts,optimizers", [
     (StepOptions("fp32", resolution=64), ["AdamW", "Adafactor"]),
     (StepOptions("bf16_ckpt", mixed_precision="bf16", gradient_checkpointing=True, resolution=64), ["AdamW8bit"]),

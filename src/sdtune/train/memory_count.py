@@ -199,6 +199,8 @@ def count_training_step(unet: torch.nn.Module, opts: StepOptions, optimizers: li
     "forward", "backward", "step", "peak"}: the bytes of the weights and of the optimizer state, and
     the peak of each phase. With `gpu_like`, autocast follows CUDA's rules and AdamW runs its
     multi-tensor (foreach) path, as on a GPU."""
+    from sdtune.model import denoise
+
     mixed = opts.mixed_precision == "bf16"
     if opts.gradient_checkpointing:
         unet.enable_gradient_checkpointing(_checkpoint_function(mixed and gpu_like))
@@ -218,7 +220,7 @@ def count_training_step(unet: torch.nn.Module, opts: StepOptions, optimizers: li
         timesteps = torch.randint(0, 1000, (opts.batch_size,))
         counter.reset_peak()
         with _autocast(mixed, gpu_like, cache=True):
-            pred = unet(latents, timesteps, cond).sample
+            pred = denoise(unet, latents, timesteps, cond)
             loss = torch.nn.functional.mse_loss(pred.float(), latents.float())
         del pred
         counter.mark("forward")
