@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdtune.atomic import atomic_path
-from sdtune.testing import make_dataset
 from sdtune.train.target import TrainingTarget
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # see conftest
@@ -77,7 +76,7 @@ class ContextShift(TrainingTarget):
     def checksum_modules(self):
         return [self.module]
 
-    def save(self, path_for, stem, *, weights, metadata, ema=None):
+    def save(self, path_for, stem, *, step, weights, metadata, ema=None):
         path = path_for(stem)
         with weights.full(self.module) as module, atomic_path(path) as tmp:
             save_file({"shift": module.shift.detach().cpu().contiguous()}, str(tmp))
@@ -85,11 +84,8 @@ class ContextShift(TrainingTarget):
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, tiny_model_file):
-    root = tmp_path_factory.mktemp("toy")
-    tiny_model_file(root / "model.safetensors", "sd1", seed=0)
-    make_dataset(root / "data", n=4, seed=0, metadata=root / "meta.json")
-    return root
+def ws(tmp_path_factory, training_workspace):
+    return training_workspace(tmp_path_factory.mktemp("toy"), safetensors=True)
 
 
 def _options(ws: Path, out: Path, *extra: str):

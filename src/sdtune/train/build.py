@@ -51,6 +51,13 @@ class RunContext:
     def device(self):
         return self.accelerator.device
 
+    @property
+    def compute_dtype(self):
+        """The forward pass's precision (the mixed-precision dtype, else float32)."""
+        from sdtune.train.setup import weight_dtype
+
+        return weight_dtype(self.accelerator)
+
 
 @dataclass
 class DataParts:
@@ -114,7 +121,7 @@ def load_data(run: RunContext) -> DataParts:
     from sdtune.data import ensure_latent_cache
     from sdtune.train import state, validation
     from sdtune.train.noise import DiffusionObjective
-    from sdtune.train.setup import compute_copy, weight_dtype
+    from sdtune.train.setup import compute_copy
 
     opts, note, device = run.opts, run.note, run.device
     model, plan = model_and_plan(opts, run.seed, torch.float32, run.main)  # float32 master weights
@@ -128,8 +135,7 @@ def load_data(run: RunContext) -> DataParts:
     objective = DiffusionObjective.from_options(opts, model.scheduler_config, model.family.prediction_type)
     for line in objective.notes:
         note(f"note: {line}")
-    compute_dtype = weight_dtype(run.accelerator)
-    vae_dtype = torch.float32 if opts.no_half_vae or device.type == "cpu" else compute_dtype
+    vae_dtype = torch.float32 if opts.no_half_vae or device.type == "cpu" else run.compute_dtype
     model.vae.requires_grad_(False).eval()
     # a compute copy only where images are encoded at every step or for validation; cached latents
     # are encoded from the model's own VAE below

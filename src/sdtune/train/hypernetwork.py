@@ -71,9 +71,9 @@ class HypernetworkTarget(TrainingTarget):
         configure_attention(unet, opts, note)
         if opts.gradient_checkpointing:  # recomputes the frozen U-Net's activations; the hypernetwork still learns
             unet.enable_gradient_checkpointing()
-        hn = self._hypernetwork(model, unet, note)
-        apply.trainable_parameters(hn, model.unet, model.text_encoder, model.vae, unet, self.text_encoder)
         model_widths = apply.attention_widths(unet)
+        hn = self._hypernetwork(model_widths, note)
+        apply.trainable_parameters(hn, model.unet, model.text_encoder, model.vae, unet, self.text_encoder)
         for width in hn.widths:
             if width not in model_widths:  # never reached: no gradient, which data parallelism would wait for
                 hn.pairs[str(width)].requires_grad_(False)
@@ -84,13 +84,12 @@ class HypernetworkTarget(TrainingTarget):
         self.attachment = apply.attach(unet, hn)
         self.wrapper = HypernetworkedUNet(unet, hn)
 
-    def _hypernetwork(self, model, unet, note):
-        from sdtune.hypernetwork import apply, files
+    def _hypernetwork(self, model_widths, note):
+        from sdtune.hypernetwork import files
         from sdtune.hypernetwork.module import new_hypernetwork
         from sdtune.hypernetwork.spec import plan_lines, resolve_widths
 
         opts = self.opts
-        model_widths = apply.attention_widths(unet)
         if opts.hypernetwork_weights:
             hn = files.load(opts.hypernetwork_weights)
             self.start_step = hn.info.step
@@ -135,12 +134,10 @@ class HypernetworkTarget(TrainingTarget):
     def checksum_modules(self) -> list:
         return [self.hypernetwork]
 
-    def save(self, path_for, stem, *, weights, metadata, ema=None) -> Path:
+    def save(self, path_for, stem, *, step, weights, metadata, ema=None) -> Path:
         opts = self.opts
-        import json
-
         # the web UI counts a hypernetwork's steps over all its training: a continued file goes on counting
-        step = self.start_step + int(json.loads(metadata.get("sdtune.training", "{}")).get("steps", 0))
+        step = self.start_step + step
         with weights.full(self.wrapper) as wrapper:
             hn = wrapper.hypernetwork
             main = self._write(hn, path_for(stem), step, ema if opts.save_ema else None)

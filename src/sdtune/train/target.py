@@ -75,9 +75,10 @@ class TrainingTarget:
     def checksum_modules(self) -> list:
         raise NotImplementedError
 
-    def save(self, path_for: Callable[[str], Path], stem: str, *, weights: "Weights", metadata: dict[str, str],
-             ema=None) -> Path:
-        """Write the save point `stem` (main process only); returns the main file."""
+    def save(self, path_for: Callable[[str], Path], stem: str, *, step: int, weights: "Weights",
+             metadata: dict[str, str], ema=None) -> Path:
+        """Write the save point `stem`, taken after optimizer step `step` (main process only); returns
+        the main file."""
         raise NotImplementedError
 
 
@@ -152,7 +153,7 @@ class FullFineTune(TrainingTarget):
     def checksum_modules(self) -> list:
         return [self.unet]
 
-    def save(self, path_for, stem, *, weights, metadata, ema=None) -> Path:
+    def save(self, path_for, stem, *, step, weights, metadata, ema=None) -> Path:
         from sdtune.train.setup import save_trained
 
         opts = self.opts

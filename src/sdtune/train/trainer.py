@@ -199,7 +199,7 @@ class Trainer:
 
         def save_model():
             with optim.eval_weights(self.optimizer):
-                main = self.target.save(self.policy.model_path, stem, weights=run.weights,
+                main = self.target.save(self.policy.model_path, stem, step=step, weights=run.weights,
                                         metadata=self._metadata(stem, step, epoch), ema=self.ema)
             self.outputs.append(main)
             run.note(f"saved {main}")
@@ -252,7 +252,7 @@ class Trainer:
 
         if not self.prompts:
             return
-        run, dtype = self.run, self.compute_dtype
+        run, dtype = self.run, self.run.compute_dtype
 
         def draw():
             with optim.eval_weights(self.optimizer), mem_eff_context(self.opts), \
@@ -322,7 +322,7 @@ class Trainer:
         from sdtune.train import compiled, sampling
         from sdtune.train.predict import Predictor
         from sdtune.train.prompts import load_prompts
-        from sdtune.train.setup import mem_eff_context, weight_dtype
+        from sdtune.train.setup import mem_eff_context
 
         opts, run = self.opts, self.run
         self.schedule = sampling.SampleSchedule(opts.sample_every_n_steps, opts.sample_every_n_epochs,
@@ -334,8 +334,7 @@ class Trainer:
         self.data = data = build.load_data(run)
         self.plan, self.cache, self.vae = data.plan, data.cache, data.vae
         self.scaling = data.model.vae.config.scaling_factor
-        self.compute_dtype = weight_dtype(run.accelerator)
-        self.target.place(data.model, device=run.device, compute_dtype=self.compute_dtype, note=run.note)
+        self.target.place(data.model, device=run.device, compute_dtype=run.compute_dtype, note=run.note)
         if opts.torch_compile:
             compiled.compile_in_place(self.target.denoiser, opts.dynamo_backend, run.note)
         self.text = build.build_text(run, data, self.target)
