@@ -84,3 +84,11 @@ def test_weights_bring_their_own_structure(tmp_path):
     with pytest.raises(UserError, match="--hypernetwork_activation_func: the structure of a continued hypernetwork"):
         parse("--hypernetwork_module", "hypernetwork_nai", "--hypernetwork_weights", str(weights),
               "--hypernetwork_activation_func", "relu")
+
+
+def test_vram_is_refused_with_a_hypernetwork():
+    # the memory planner models full fine-tuning; an answer for a hypernetwork run would be wrong
+    assert parse("--dry_run", "--vram", "8").vram == 8
+    with pytest.raises(UserError) as info:
+        parse("--dry_run", "--vram", "8", "--hypernetwork_module", "hypernetwork_nai")
+    assert info.value.where == "--vram" and "not hypernetwork training" in str(info.value)
