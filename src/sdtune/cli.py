@@ -24,6 +24,7 @@ from sdtune.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sdtune.train.command", "fine-tune a model (accepts sd-scripts fine_tune.py flags)"),
     "cache": ("sdtune.data.command", "sort images into buckets and cache their VAE latents"),
+    "sample": ("sdtune.sample_command", "make images from a model, optionally with a hypernetwork at a multiplier"),
     "convert": ("sdtune.checkpoint.command", "convert a checkpoint between formats and precisions"),
     "caption": ("sdtune.prep.caption_command", "write BLIP captions next to images"),
     "tag": ("sdtune.prep.tag_command", "write WD14 / DeepDanbooru tags next to images"),

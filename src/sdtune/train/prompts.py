@@ -77,11 +77,12 @@ def round_size(value: int) -> int:
     return max(64, value - value % 8)
 
 
-def load_prompts(path: str | Path) -> list[SamplePrompt]:
-    """Read a prompt file; every mistake is a `UserError` naming the file and line or entry."""
+def load_prompts(path: str | Path, flag: str = "--sample_prompts") -> list[SamplePrompt]:
+    """Read a prompt file; every mistake is a `UserError` naming the file and line or entry (and
+    `flag`, the option that named the file, where the fix is to change it)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError("sample prompt file not found", where=str(path), fix="Check --sample_prompts.")
+        raise UserError("sample prompt file not found", where=str(path), fix=f"Check {flag}.")
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".toml", ".json"):
         raise UserError(f"unknown prompt file type {path.suffix or '(none)'!r}", where=str(path),
@@ -98,7 +99,7 @@ def load_prompts(path: str | Path) -> list[SamplePrompt]:
         prompts = _from_json(text, str(path))
     if not prompts:
         raise UserError("the file holds no prompts", where=str(path),
-                        fix="Add at least one prompt, or drop --sample_prompts.")
+                        fix=f"Add at least one prompt, or drop {flag}.")
     return prompts
 
 

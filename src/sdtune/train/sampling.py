@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from sdtune.text.encode import TextConditioner
 
 __all__ = ["SAMPLERS", "SAMPLER_ALIASES", "normalize_sampler", "build_scheduler", "SampleSchedule",
-           "check_sampling_options", "sample_tag", "prompt_seed", "sample_images", "generate", "SampleFiles"]
+           "check_sampling_options", "sample_tag", "prompt_seed", "image_path", "grid_path", "sample_images", "generate",
+           "SampleFiles"]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,17 @@ def prompt_seed(prompt: SamplePrompt, run_seed: int) -> int:
     return sample_image_seed(run_seed, prompt.index)
 
 
+def image_path(out_dir: str | Path, name: str | None, tag: str, prompt: SamplePrompt, seed: int) -> Path:
+    """Where `sample_images` writes `prompt`'s image: `<out_dir>/[<name>_]<tag>_<index:02d>_<seed>.png`,
+    `seed` being the image's own (`prompt_seed`)."""
+    return Path(out_dir) / f"{name + '_' if name else ''}{tag}_{prompt.index:02d}_{seed}.png"
+
+
+def grid_path(out_dir: str | Path, name: str | None, tag: str) -> Path:
+    """Where `sample_images` writes the grid of one sampling point: `<out_dir>/[<name>_]<tag>_grid.png`."""
+    return Path(out_dir) / f"{name + '_' if name else ''}{tag}_grid.png"
+
+
 class SampleFiles(list):
     """The images written at one sampling point, in prompt order; `.grid` is the grid PNG."""
 
@@ -143,10 +155,10 @@ class SampleFiles(list):
 
 def sample_images(model: "SDModel", conditioner: "TextConditioner", prompts: Sequence[SamplePrompt], *,
                   sampler: str, out_dir: str | Path, name: str | None, tag: str, device, seed: int,
-                  dtype: "torch.dtype | None" = None, progress: bool = True) -> SampleFiles:
-    """Generate one PNG per prompt plus a grid, named as sd-scripts names them (without its timestamp).
+                  dtype: "torch.dtype | None" = None, progress: bool = True, grid: bool = True) -> SampleFiles:
+    """Generate one PNG per prompt plus a grid (unless `grid` is False), named as sd-scripts names
+    them (without its timestamp): `image_path` and `grid_path`; existing files are replaced.
 
-    Files: `<out_dir>/[<name>_]<tag>_<index:02d>_<seed>.png` and `[<name>_]<tag>_grid.png`.
     `model.unet`, `model.vae` and the conditioner's text encoder are used as they are (wrappers like
     DDP are looked through, so only this process runs them); each module is put in eval mode and
     moved to `device` for the duration, then restored. `dtype` runs the U-Net and VAE under autocast.
@@ -172,7 +184,6 @@ def sample_images(model: "SDModel", conditioner: "TextConditioner", prompts: Seq
     # a copy so sample prompts do not count in training's truncation report.
     text = copy.copy(conditioner)
     text.text_encoder = unwrap_module(conditioner.text_encoder)
-    prefix = f"{name}_" if name else ""
     files = SampleFiles()
     images = []
     with _inference_mode([unet, vae, text.text_encoder], device):
@@ -187,12 +198,13 @@ def sample_images(model: "SDModel", conditioner: "TextConditioner", prompts: Seq
             image = generate(unet, vae, scheduler, cond, uncond, width=width, height=height, steps=prompt.steps,
                              scale=prompt.scale, generator=torch.Generator().manual_seed(this_seed), device=device,
                              dtype=dtype)
-            path = out_dir / f"{prefix}{tag}_{prompt.index:02d}_{this_seed}.png"
+            path = image_path(out_dir, name, tag, prompt, this_seed)
             _save_png(image, path, _parameters(prompt, sampler_name, this_seed, width, height))
             files.append(path)
             images.append((image, prompt.prompt))
-    files.grid = out_dir / f"{prefix}{tag}_grid.png"
-    _save_png(make_grid(images), files.grid)
+    if grid:
+        files.grid = grid_path(out_dir, name, tag)
+        _save_png(make_grid(images), files.grid)
     return files
 
 
