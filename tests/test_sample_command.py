@@ -135,16 +135,15 @@ def _derived_seed() -> int:
 
 
 def test_an_existing_image_is_never_replaced_silently(workspace, tmp_path, capsys):
-    one = tmp_path / "one.txt"
-    one.write_text("x --s 1 --w 64 --h 64 --d 9")
-    args = ["sample", "--pretrained_model_name_or_path", str(workspace / "model.safetensors"), "--prompts", str(one),
-            "--output_dir", str(tmp_path)]
+    args = ["sample", "--pretrained_model_name_or_path", str(workspace / "model.safetensors"), "--prompt",
+            "x --s 1 --w 64 --h 64 --d 9", "--output_dir", str(tmp_path)]
     (tmp_path / "base_00_9.png").write_bytes(b"mine")
     line = error_line(capsys, main(args))
     assert "base_00_9.png already exists" in line and "--overwrite" in line
     assert (tmp_path / "base_00_9.png").read_bytes() == b"mine"
     assert main([*args, "--overwrite"]) == 0
     assert pixels(tmp_path / "base_00_9.png").shape == (64, 64, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base_00_9.png"]  # one prompt: no grid
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -153,13 +152,21 @@ def test_an_existing_image_is_never_replaced_silently(workspace, tmp_path, capsy
     (["--hypernetwork_multiplier", "0.5"], "--hypernetwork_multiplier: a multiplier without a hypernetwork"),
     (["--prompt", "a cat"], "give either --prompt TEXT or --prompts FILE"),
     (["--sampler", "warp9"], "--sampler: unknown sampler 'warp9'"),
-    (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "nonsense"], "--device"),
+    (["--device", "nonsense"], "--device: not a device: 'nonsense'"),
 ])
 def test_bad_input_is_one_line(workspace, tmp_path, capsys, monkeypatch, extra, expected):
     monkeypatch.chdir(workspace)
     line = error_line(capsys, sample(workspace, tmp_path / "out", *extra))
     assert expected in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_cuda_without_cuda_is_one_line(workspace, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert "--device: CUDA is not available" in error_line(capsys, sample(workspace, tmp_path / "o", "--device", "cuda"))
 
 
 def test_prompt_problems_are_one_line(workspace, tmp_path, capsys):
