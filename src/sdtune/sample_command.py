@@ -199,9 +199,10 @@ def check_widths(hn, model_widths: set[int], where: str, note) -> None:
 
 
 def run(args) -> int:
-    from sdtune.console import note
+    from sdtune.console import note, quiet_libraries
 
     opts = parse_options(SampleOptions, args)
+    quiet_libraries()  # diffusers' and transformers' notices, as training leaves them out
     prompts = load_prompts(opts)
     paths = planned_files(opts, prompts)
     refuse_existing(paths, opts.overwrite)
@@ -232,7 +233,6 @@ def generate_images(opts: SampleOptions, prompts: list, hn, device, dtype, note)
     model = load_model(opts.pretrained_model_name_or_path, v2=opts.v2 or None,
                        v_parameterization=opts.v_parameterization or None, use_ema_weights=opts.use_ema_weights,
                        dtype=torch.float32)
-    note(f"model: {model.family.name}, {model.family.prediction_type}-prediction")
     # frozen parts in the compute precision, as a hypernetwork run (or a frozen text encoder) holds them
     unet = compute_copy(model.unet.requires_grad_(False).eval(), device, dtype)
     text_encoder = compute_copy(model.text_encoder.requires_grad_(False).eval(), device, dtype)
