@@ -168,7 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--family", default="sd1")
     parser.add_argument("--sets", default="fp32,bf16", help="memory: comma-separated of fp32, bf16, bf16_ckpt")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch compute threads (default: torch's); 1 on a shared machine, where threads that "
+                             "wait for each other make every step many times slower")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from sdtune.console import quiet_libraries
 
