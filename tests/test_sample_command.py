@@ -83,7 +83,8 @@ def test_multiplier_zero_is_the_base_model_and_one_changes_the_image(workspace, 
 
 
 @pytest.mark.slow  # trains (one step of a tiny model): ~10 s alone, longer on a loaded machine
-def test_the_image_equals_the_training_runs_sample(workspace, tmp_path, tiny_model_file):
+@pytest.mark.parametrize("precision", ["no", "bf16"])  # bf16: the frozen model's compute copy and autocast
+def test_the_image_equals_the_training_runs_sample(workspace, tmp_path, precision):
     from sdtune.testing import make_dataset
 
     make_dataset(tmp_path / "data", n=2, seed=0, metadata=tmp_path / "meta.json")
@@ -92,10 +93,11 @@ def test_the_image_equals_the_training_runs_sample(workspace, tmp_path, tiny_mod
                  str(tmp_path / "run"), "--output_name", "hn", "--resolution", "64", "--train_batch_size", "2",
                  "--learning_rate", "1e-2", "--seed", str(SEED), "--max_data_loader_n_workers", "0",
                  "--hypernetwork_module", "hypernetwork_nai", "--max_train_steps", "1", "--sample_every_n_steps", "1",
-                 "--sample_prompts", str(workspace / "prompts.txt")]) == 0
+                 "--sample_prompts", str(workspace / "prompts.txt"), "--mixed_precision", precision]) == 0
     trained = sorted((tmp_path / "run" / "sample").glob("hn_000001_0*.png"))
     assert len(trained) == 2
-    assert sample(workspace, tmp_path / "out", "--hypernetwork", str(tmp_path / "run" / "hn.pt")) == 0
+    assert sample(workspace, tmp_path / "out", "--hypernetwork", str(tmp_path / "run" / "hn.pt"), "--mixed_precision",
+                  precision) == 0
     for image in trained:
         mine = tmp_path / "out" / image.name.replace("hn_000001_", "hn_x1_")
         assert np.array_equal(pixels(mine), pixels(image)), image.name
