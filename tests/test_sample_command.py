@@ -184,3 +184,7 @@ def test_prompt_problems_are_one_line(workspace, tmp_path, capsys):
     missing_model = ["sample", "--pretrained_model_name_or_path", str(tmp_path / "nomodel.safetensors"),
                      "--output_dir", str(tmp_path / "out"), "--prompt", "a cat --s 1"]
     assert "nomodel.safetensors" in error_line(capsys, main(missing_model))
+    (tmp_path / "afile").write_text("")
+    into_file = ["sample", "--pretrained_model_name_or_path", str(workspace / "model.safetensors"), "--output_dir",
+                 str(tmp_path / "afile"), "--prompt", "a cat --s 1"]
+    assert "afile: is a file, not a folder" in error_line(capsys, main(into_file))

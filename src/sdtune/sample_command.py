@@ -145,6 +145,18 @@ def refuse_existing(paths: list[Path], overwrite: bool) -> None:
                         fix="Choose another --output_dir, or pass --overwrite to replace them.")
 
 
+def prepare_output_dir(folder: str) -> None:
+    """Create --output_dir now: a folder that cannot be made stops the command before the model loads."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise UserError("is a file, not a folder", where=folder, fix="Choose a folder for --output_dir.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the folder ({exc.strerror})", where=folder,
+                        fix="Choose another --output_dir.") from None
+
+
 def device_and_dtype(opts: SampleOptions, note):
     """The device and the compute dtype, chosen as training chooses them (fp16 needs CUDA)."""
     import torch
@@ -208,6 +220,7 @@ def run(args) -> int:
     refuse_existing(paths, opts.overwrite)
     device, dtype = device_and_dtype(opts, note)
     hn = load_hypernetwork(opts, device) if opts.hypernetwork else None  # a bad file fails before the model loads
+    prepare_output_dir(opts.output_dir)
     files = generate_images(opts, prompts, hn, device, dtype, note)
     for path in files:
         print(f"wrote {path}")
