@@ -47,7 +47,7 @@ class DeepSpeedOptions(Options):
 
     @model_validator(mode="after")
     def _combinations(self):
-        given = [name for name, field in type(self).model_fields.items()
+        given = [name for name, field in DeepSpeedOptions.model_fields.items()
                  if name != "deepspeed" and getattr(self, name) != field.default]
         if given and not self.deepspeed:
             raise UserError("is a DeepSpeed option", where=f"--{given[0]}", fix="Add --deepspeed, or drop it.")
@@ -122,6 +122,7 @@ def deepspeed_plugin(ds: DeepSpeedOptions, *, train_batch_size: int, gradient_ac
         raise UserError("an accelerate config names a DeepSpeed config file, which would replace sdtune's DeepSpeed "
                         "flags", where="--deepspeed", fix="Remove deepspeed_config_file from the accelerate config; "
                         "set ZeRO up with --zero_stage and the --offload_* flags.")
+    _check_launch_agrees(ds)
     if mixed_precision == "fp16" and not _cuda():
         raise UserError("DeepSpeed refuses fp16 on this CPU", where="--deepspeed",
                         fix="Use --mixed_precision bf16 or no.")
@@ -159,6 +160,22 @@ def deepspeed_plugin(ds: DeepSpeedOptions, *, train_batch_size: int, gradient_ac
                 raise UserError("--full_fp16 under DeepSpeed needs ZeRO-2 with the optimizer offloaded to the CPU",
                                 where="--full_fp16", fix="Add --zero_stage 2 --offload_optimizer_device cpu.")
     return plugin
+
+
+def _check_launch_agrees(ds: DeepSpeedOptions) -> None:
+    """An accelerate launch with --use_deepspeed (or a DeepSpeed config file) passes its ZeRO settings in
+    the environment; sdtune's flags set DeepSpeed up, so a launch that says otherwise is refused rather
+    than overridden without a word."""
+    ours = {"ACCELERATE_DEEPSPEED_ZERO_STAGE": ("--zero_stage", str(ds.zero_stage)),
+            "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ("--offload_optimizer_device",
+                                                              ds.offload_optimizer_device or "none"),
+            "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ("--offload_param_device", ds.offload_param_device or "none")}
+    for name, (flag, value) in ours.items():
+        launched = os.environ.get(name)
+        if launched is not None and launched.strip().lower() != value:
+            raise UserError(f"the accelerate launch sets {name}={launched} but sdtune's {flag} is {value}",
+                            where=flag, fix=f"Give {flag} {launched}, or launch without --use_deepspeed "
+                                            "(sdtune's flags set DeepSpeed up).")
 
 
 def process_group_backend(world_size: int) -> str | None:
