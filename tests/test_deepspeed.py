@@ -86,7 +86,7 @@ def test_zero2_trains_like_data_parallel_and_resumes(workspace, run_in_session, 
     out = _launch(run_in_session, workspace, 29662, "z2", "--deepspeed", "--zero_stage=2")
     assert out.count(": DEEPSPEED, backend gloo") == 2, out  # both processes, one world, DeepSpeed running
     z2 = load_file(str(workspace / "z2" / UNET))
-    _close(z2, reference, atol=1e-5)
+    _close(z2, reference, atol=1e-6)
     from diffusers import UNet2DConditionModel
 
     before = UNet2DConditionModel.from_pretrained(str(workspace / "model"), subfolder="unet").state_dict()
@@ -107,7 +107,9 @@ def test_zero3_offloaded_trains_validates_samples_saves_and_resumes(workspace, r
                   "--offload_optimizer_device=cpu")
     assert out.count(": DEEPSPEED, backend gloo") == 2, out
     z3 = workspace / "z3"
-    _close(load_file(str(z3 / UNET)), reference, atol=1e-5)
+    # Adam divides by the gradients' own size, so the last bits of tiny gradients, summed in another
+    # order by ZeRO-3's partitioned reduction, move a few weights by up to ~1 % of a step
+    _close(load_file(str(z3 / UNET)), reference, atol=1e-4)
     # the saved model is an ordinary Diffusers folder, laid out as the data-parallel run's
     assert sorted(p.relative_to(z3 / "last").as_posix() for p in (z3 / "last").rglob("*")) == \
         sorted(p.relative_to(workspace / "ddp" / "last").as_posix() for p in (workspace / "ddp" / "last").rglob("*"))

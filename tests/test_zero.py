@@ -144,3 +144,23 @@ def test_options_that_cannot_act_under_deepspeed_are_refused(given, message):
     given.pop("zero3_init_flag", None), given.pop("zero3_save_16bit_model", None)
     if "zero_stage" not in given and "offload_optimizer_device" not in given:
         TrainOptions(pretrained_model_name_or_path="m", output_dir="o", **given)  # accepted without DeepSpeed
+
+
+def test_a_deepspeed_state_is_checked_for_its_own_files(tmp_path):
+    """A DeepSpeed state holds the engine's folder instead of model.safetensors and optimizer.bin; one
+    whose engine folder lost its model states is refused before anything loads."""
+    import torch
+
+    from sdtune.train.state import check_state_files
+
+    torch.save({"step": 2}, tmp_path / "scheduler.bin")
+    with pytest.raises(UserError, match="model.safetensors is missing"):
+        check_state_files(tmp_path)  # no engine folder: an ordinary state, incomplete
+    (tmp_path / "pytorch_model").mkdir()
+    with pytest.raises(UserError, match="pytorch_model/ holds no model states"):
+        check_state_files(tmp_path)
+    torch.save({"module": {}}, tmp_path / "pytorch_model" / "mp_rank_00_model_states.pt")
+    check_state_files(tmp_path)
+    (tmp_path / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(UserError, match="damaged training state: zero_pp_rank_1"):
+        check_state_files(tmp_path)
