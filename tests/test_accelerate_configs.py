@@ -24,8 +24,9 @@ def _launch_args(name: str, *extra: str):
 
 
 def test_every_example_is_listed_here():
-    assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == ["eight_gpus.yaml", "one_gpu.yaml",
-                                                               "two_cpu_processes.yaml", "two_nodes.yaml"]
+    assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == ["eight_gpus.yaml", "eight_gpus_deepspeed.yaml",
+                                                               "one_gpu.yaml", "two_cpu_processes.yaml",
+                                                               "two_nodes.yaml"]
 
 
 @pytest.mark.parametrize("name, multi_gpu, processes, machines", [
@@ -39,8 +40,27 @@ def test_examples_parse_into_the_launch_they_describe(name, multi_gpu, processes
     assert (args.multi_gpu, args.num_processes, args.num_machines, args.machine_rank) == (multi_gpu, processes,
                                                                                          machines, 0)
     assert not args.cpu and not args.use_cpu  # --cpu would start one process only
-    assert not args.use_deepspeed and not args.use_fsdp  # engines sdtune does not run under yet
+    assert not args.use_deepspeed and not args.use_fsdp  # plain data parallel
 
+
+def test_the_deepspeed_example_agrees_with_sdtune_flags(monkeypatch):
+    """What accelerate passes on for it is what `--deepspeed --zero_stage 2` sets up: sdtune accepts that
+    and refuses another stage."""
+    from accelerate.commands.launch import prepare_deepspeed_cmd_env
+
+    from sdtune.errors import UserError
+    from sdtune.train.zero import DeepSpeedOptions, _check_launch_agrees
+
+    args = _launch_args("eight_gpus_deepspeed.yaml")
+    assert args.use_deepspeed and not args.cpu and (args.num_processes, args.num_machines) == (8, 1)
+    args.deepspeed_fields_from_accelerate_config = []  # set by accelerate launch itself when it reads the file
+    _, env = prepare_deepspeed_cmd_env(args)
+    for name in ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+                 "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
+        monkeypatch.setenv(name, env[name])
+    _check_launch_agrees(DeepSpeedOptions(deepspeed=True, zero_stage=2))
+    with pytest.raises(UserError, match="ACCELERATE_DEEPSPEED_ZERO_STAGE=2 but sdtune's --zero_stage is 3"):
+        _check_launch_agrees(DeepSpeedOptions(deepspeed=True, zero_stage=3))
 
 def test_the_second_machine_overrides_only_its_rank():
     first, second = _launch_args("two_nodes.yaml"), _launch_args("two_nodes.yaml", "--machine_rank", "1")

@@ -55,8 +55,8 @@ def test_out_of_range_value(capsys):
 
 def test_known_but_unsupported_sdscripts_flag_is_refused(capsys):
     code, _, err = run_cli(capsys, "train", "--pretrained_model_name_or_path", "m", "--output_dir", "o",
-                           "--in_json", "j", "--deepspeed")
-    assert code == 2 and "--deepspeed: DeepSpeed is not wired into the trainer yet" in err
+                           "--in_json", "j", "--lowram")
+    assert code == 2 and "--lowram: --lowram is not supported" in err
 
 
 def test_unsupported_sdscripts_key_in_a_config_file_gets_its_reason(capsys, tmp_path):

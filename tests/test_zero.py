@@ -47,15 +47,14 @@ def test_defaults_are_sd_scripts():
 def test_the_plugin_carries_sd_scripts_settings(monkeypatch):
     pytest.importorskip("deepspeed")
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
-    ds = DeepSpeedOptions(deepspeed=True, zero_stage=3, offload_optimizer_device="cpu", offload_param_device="cpu",
-                          zero3_save_16bit_model=True)
+    ds = DeepSpeedOptions(deepspeed=True, zero_stage=3, offload_optimizer_device="cpu", offload_param_device="cpu")
     plugin = deepspeed_plugin(ds, train_batch_size=3, gradient_accumulation_steps=4, max_grad_norm=0.5,
                               mixed_precision="bf16", world_size=8)
     config = plugin.deepspeed_config
     assert config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
-    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert config["zero_force_ds_cpu_optimizer"] is False  # the run's own optimizer steps the offloaded weights
     assert (config["train_micro_batch_size_per_gpu"], config["train_batch_size"]) == (3, 3 * 4 * 8)
     assert config["gradient_accumulation_steps"] == 4 and config["gradient_clipping"] == 0.5
     assert config["bf16"]["enabled"] is True
@@ -117,11 +116,51 @@ def test_deepspeed_dropped_by_accelerate_is_refused_and_the_cpu_recipe_runs(tmp_
         [" process 2/2 (machine 1/1, local 2/2)", " DEEPSPEED, backend gloo, device cpu"]], out
 
 
-def test_the_options_are_sd_scripts_deepspeed_flags_still_refused_for_training():
+def test_the_options_are_sd_scripts_deepspeed_flags_and_train_options():
     from sdtune.train import sdscripts_flags
+    from sdtune.train.options import TrainOptions
 
     listed = Path(sdscripts_flags.__file__).with_name("sdscripts_fine_tune_flags.txt").read_text().splitlines()
     flags = {line.split()[0] for line in listed if line.startswith("--")}
     assert {f"--{name}" for name in DeepSpeedOptions.model_fields} <= flags
-    for name in DeepSpeedOptions.model_fields:  # refused until the trainer runs under DeepSpeed
-        assert "not wired into the trainer" in sdscripts_flags.PLANNED[name]
+    assert set(DeepSpeedOptions.model_fields) <= set(TrainOptions.model_fields)
+    assert not set(DeepSpeedOptions.model_fields) & set(sdscripts_flags.PLANNED)
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"zero3_init_flag": True, "zero_stage": 3}, "--zero3_init_flag: sdtune loads the model whole"),
+    ({"zero3_save_16bit_model": True, "zero_stage": 3}, "--zero3_save_16bit_model: sdtune always gathers"),
+    ({"fused_backward_pass": True}, "--fused_backward_pass: does not work under DeepSpeed"),
+    ({"full_bf16": True, "mixed_precision": "bf16"}, "--full_bf16: does not work under DeepSpeed"),
+    ({"ema": True, "zero_stage": 3}, "--ema: does not work under DeepSpeed: under ZeRO-3"),
+    ({"hypernetwork_module": "hypernetwork_nai"}, "--hypernetwork_module: does not work under DeepSpeed"),
+    ({"optimizer_type": "AdamW8bit", "offload_optimizer_device": "cpu"}, "--offload_optimizer_device: does not work"),
+])
+def test_options_that_cannot_act_under_deepspeed_are_refused(given, message):
+    from sdtune.train.options import TrainOptions
+
+    with pytest.raises(UserError, match=message):
+        TrainOptions(pretrained_model_name_or_path="m", output_dir="o", deepspeed=True, **given)
+    given.pop("zero3_init_flag", None), given.pop("zero3_save_16bit_model", None)
+    if "zero_stage" not in given and "offload_optimizer_device" not in given:
+        TrainOptions(pretrained_model_name_or_path="m", output_dir="o", **given)  # accepted without DeepSpeed
+
+
+def test_a_deepspeed_state_is_checked_for_its_own_files(tmp_path):
+    """A DeepSpeed state holds the engine's folder instead of model.safetensors and optimizer.bin; one
+    whose engine folder lost its model states is refused before anything loads."""
+    import torch
+
+    from sdtune.train.state import check_state_files
+
+    torch.save({"step": 2}, tmp_path / "scheduler.bin")
+    with pytest.raises(UserError, match="model.safetensors is missing"):
+        check_state_files(tmp_path)  # no engine folder: an ordinary state, incomplete
+    (tmp_path / "pytorch_model").mkdir()
+    with pytest.raises(UserError, match="pytorch_model/ holds no model states"):
+        check_state_files(tmp_path)
+    torch.save({"module": {}}, tmp_path / "pytorch_model" / "mp_rank_00_model_states.pt")
+    check_state_files(tmp_path)
+    (tmp_path / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(UserError, match="damaged training state: zero_pp_rank_1"):
+        check_state_files(tmp_path)

@@ -44,6 +44,26 @@ def micro_batch(accelerator, models, closes_step: bool) -> Iterator[None]:
         yield
 
 
+def deepspeed_accelerator(opts, precision: str):
+    """The Accelerator for a DeepSpeed run: accelerate's plugin from sdtune's flags and, on a machine
+    without a GPU, the gloo backend named (never `cpu=True`, which makes accelerate drop DeepSpeed; and
+    without a named backend every process believes it is alone)."""
+    from accelerate import Accelerator
+
+    from sdtune.train.world import Launch, accelerator_handlers
+    from sdtune.train.zero import deepspeed_plugin, process_group_backend
+
+    world = Launch.from_env().processes
+    plugin = deepspeed_plugin(opts, train_batch_size=opts.train_batch_size,
+                              gradient_accumulation_steps=opts.gradient_accumulation_steps,
+                              max_grad_norm=opts.max_grad_norm, mixed_precision=precision, full_fp16=opts.full_fp16,
+                              world_size=world)
+    handlers = accelerator_handlers(opts, backend=process_group_backend(world))
+    fresh_accelerator_state()
+    return Accelerator(gradient_accumulation_steps=opts.gradient_accumulation_steps, mixed_precision=precision,
+                       deepspeed_plugin=plugin, kwargs_handlers=handlers)
+
+
 def allow_fp16_gradients(accelerator) -> None:
     """--full_fp16: let accelerate's gradient scaler unscale float16 gradients.
 

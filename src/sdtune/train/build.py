@@ -92,7 +92,7 @@ def start(opts: TrainOptions) -> RunContext:
     started = time.time()
     accelerator = make_accelerator(opts, console_note)
     # the processes are the ones the launcher started, and no other training writes to the folder
-    lock = world.start(accelerator, opts)
+    lock = world.start(accelerator, opts, deepspeed=opts.deepspeed)
     if accelerator.num_processes > 1:
         console_note(world.describe(accelerator))  # every process: a wrong world shows in any log
     note = console_note if accelerator.is_main_process else (lambda *a, **k: None)

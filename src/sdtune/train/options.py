@@ -17,6 +17,7 @@ from sdtune.hypernetwork.options import HypernetworkOptions
 # so that the builders need not import the options (which import their checks).
 from sdtune.train.optim import DEFAULT_OPTIMIZER
 from sdtune.train.schedules import DEFAULT_NUM_CYCLES, DEFAULT_POWER, LR_SCHEDULERS
+from sdtune.train.zero import DeepSpeedOptions, check_training as check_deepspeed
 
 SAVE_EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "diffusers": "", "diffusers_safetensors": ""}
 
@@ -351,7 +352,7 @@ class SavingOptions(Options):
 
 
 class TrainOptions(ModelOptions, DatasetOptions, TrainingOptions, NoiseLossOptions, SavingOptions, RunOptions,
-                   SamplingOptions, LoggingOptions, HypernetworkOptions):
+                   SamplingOptions, LoggingOptions, HypernetworkOptions, DeepSpeedOptions):
     """Everything `sdtune train` / `fine_tune.py` accepts."""
 
     @model_validator(mode="after")
@@ -381,6 +382,7 @@ class TrainOptions(ModelOptions, DatasetOptions, TrainingOptions, NoiseLossOptio
         if self.save_n_epoch_ratio and self.save_every_n_epochs:
             raise UserError("--save_n_epoch_ratio sets the epochs between saves, so --save_every_n_epochs would be "
                             "ignored", where="--save_n_epoch_ratio", fix="Keep one of them.")
+        check_deepspeed(self)
         return self
 
     def initial_position(self, steps_per_epoch: int, max_steps: int, resumed_step: int | None = None):

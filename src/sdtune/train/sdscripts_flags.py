@@ -38,13 +38,7 @@ NOT_SUPPORTED: dict[str, str] = {
 
 # Flags that sd-scripts documents and sdtune means to implement; refused until then, so that none is
 # silently ignored.
-PLANNED: dict[str, str] = {
-    # the options and accelerate's plugin exist (train/zero.py); the trainer does not run under ZeRO yet
-    **{name: "DeepSpeed is not wired into the trainer yet; use plain multi-GPU data parallel through accelerate "
-             "(docs/distributed.md)" for name in (
-        "deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
-        "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients")},
-}
+PLANNED: dict[str, str] = {}
 
 
 def add_hidden_flags(parser: argparse.ArgumentParser, taken: set[str]) -> None:

@@ -20,6 +20,7 @@ def make_accelerator(opts: TrainOptions, note: Callable[[str], None]):
     import torch
     from accelerate import Accelerator
 
+    from sdtune.train.accel import deepspeed_accelerator
     from sdtune.train.world import accelerator_handlers
 
     on_gpu = torch.cuda.is_available()
@@ -27,6 +28,8 @@ def make_accelerator(opts: TrainOptions, note: Callable[[str], None]):
     if opts.full_fp16 and not on_gpu:
         raise UserError("float16 weights need a CUDA GPU (the CPU has no float16 training kernels worth using)",
                         where="--full_fp16", fix="On the CPU use --mixed_precision bf16 --full_bf16, or drop --full_fp16.")
+    if opts.deepspeed:  # never cpu=True: accelerate would drop DeepSpeed for plain data parallel
+        return deepspeed_accelerator(opts, precision)  # fp16 on a CPU is refused there, not quietly dropped
     if precision == "fp16" and not on_gpu:
         note("note: fp16 mixed precision needs a CUDA GPU; training in float32 on the CPU instead "
              "(--mixed_precision bf16 works on CPUs)")

@@ -129,6 +129,9 @@ def read_state(directory: str | Path) -> dict[str, Any]:
 
 # what accelerate writes for every run (the U-Net, its optimizer and LR schedule); the rest varies
 _ALWAYS_SAVED = ("model.safetensors", "optimizer.bin", "scheduler.bin")
+# under DeepSpeed accelerate writes the LR schedule; the engine writes the rest into its own folder
+_DEEPSPEED_FOLDER = "pytorch_model"
+_DEEPSPEED_SAVED = ("scheduler.bin",)
 _DAMAGED_FIX = ("Resume from another state folder (an earlier save), or train without --resume. States are written "
                 "whole or not at all: a damaged file was damaged later, by the storage or a copy.")
 
@@ -137,10 +140,14 @@ def check_state_files(directory: Path) -> None:
     """Refuse a state whose files are visibly damaged (truncated, or not the format their name says),
     in milliseconds, before any model loads: the safetensors headers against the file sizes, and the
     end-of-archive records of torch's zip files (.bin, .pkl, .pt), which a truncated file lacks."""
-    for name in _ALWAYS_SAVED:
+    engine = directory / _DEEPSPEED_FOLDER  # DeepSpeed's own checkpoint: weights and optimizer shards
+    for name in (_DEEPSPEED_SAVED if engine.is_dir() else _ALWAYS_SAVED):
         if not (directory / name).is_file():
             raise UserError(f"incomplete training state: {name} is missing", where=str(directory), fix=_DAMAGED_FIX)
-    for path in sorted(directory.iterdir()):
+    if engine.is_dir() and not any(engine.glob("*model_states.pt")):
+        raise UserError(f"incomplete training state: {_DEEPSPEED_FOLDER}/ holds no model states", where=str(directory),
+                        fix=_DAMAGED_FIX)
+    for path in sorted(directory.iterdir()) + (sorted(engine.iterdir()) if engine.is_dir() else []):
         problem = None
         if path.suffix == ".safetensors":
             problem = _safetensors_problem(path)

@@ -158,7 +158,7 @@ class Trainer:
                     for c, t, s, i in zip(batch.captions, batch.tags, batch.subsets, batch.indices)]
         if self.text.text_cache is not None:
             return self.text.text_cache.get(captions).to(self.run.device)
-        with torch.set_grad_enabled(self.target.trains_text_encoder), self.run.accelerator.autocast():
+        with torch.set_grad_enabled(self.target.trains_text_encoder), self.run.weights.autocast():
             return self.text.conditioner.encode(captions)
 
     def _close_step(self, batch, epoch: int, grad_norm, seconds: float) -> float:
@@ -228,8 +228,11 @@ class Trainer:
     def validate(self, step: int) -> None:
         from sdtune.train import optim
 
-        if not self.data.held_out or (self.validation_losses and self.validation_losses[-1][0] == step):
+        # decided alike on every process: the losses are recorded on the main one only, and a process
+        # that skipped while another validated would leave that one waiting
+        if not self.data.held_out or self.validated_step == step:
             return
+        self.validated_step = step
         run = self.run
 
         def measure():
@@ -338,7 +341,7 @@ class Trainer:
         if opts.torch_compile:
             compiled.compile_in_place(self.target.denoiser, opts.dynamo_backend, run.note)
         self.text = build.build_text(run, data, self.target)
-        self.predictor = Predictor(data.objective, run.accelerator.autocast, lambda: mem_eff_context(opts))
+        self.predictor = Predictor(data.objective, run.weights.autocast, lambda: mem_eff_context(opts))
         self._build_optimizer()
         self._resume()
         self._build_outputs()
@@ -407,6 +410,7 @@ class Trainer:
         self.global_step, self.losses, self.micro, self.stopped = self.position.global_step, [], [], False
         self.epochs_done = self.position.epoch  # for the summary and ModelSpec: epochs begun, as before
         self.validation_losses: list[tuple[int, float]] = []
+        self.validated_step: int | None = None
 
     def _build_outputs(self) -> None:
         from sdtune.train import logs

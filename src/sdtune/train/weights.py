@@ -5,6 +5,13 @@ training (DeepSpeed ZeRO-3, FSDP) keeps a slice on each. Everything that reads t
 something other than the training step itself comes through here: unwrapping, a full view for
 saving and checksums, and "the main process does this while the others wait" for saving, validation
 and sampling. Sharded engines change this class, not the trainer, the targets or the savers.
+
+Under DeepSpeed (train/zero.py) the trained modules go into one engine, since accelerate runs a single
+DeepSpeed model (sd-scripts does the same); frozen parts never reach it. The training step calls each
+through the engine (`EngineCall`), so DeepSpeed sees every forward it must hook; everything else
+reads the modules themselves. Under ZeRO-3 no process holds a whole module, so `on_main` and
+`checksums` first gather the full weights on every process (a collective), keeping them whole while
+the main process saves or runs its forward passes alone.
 """
 
 from __future__ import annotations
@@ -21,23 +28,86 @@ class Weights:
         self.is_main = accelerator.is_main_process
         self.device = accelerator.device
         self.world = accelerator.num_processes
+        kind = accelerator.distributed_type
+        self.deepspeed = getattr(kind, "value", str(kind)) == "DEEPSPEED"
+        self.engine = None  # the DeepSpeedEngine once prepared
+        self._whole = False  # inside `gathered()`
+
+    @property
+    def zero3(self) -> bool:
+        return self.engine is not None and self.engine.zero_optimization_partition_weights()
 
     def prepare(self, *objects):
-        """Hand modules, optimizer and schedule to the engine (wrapping or sharding them)."""
-        return self.accelerator.prepare(*objects)
+        """Hand modules (first), optimizer and schedule to the engine (wrapping or sharding them)."""
+        if not self.deepspeed:
+            return self.accelerator.prepare(*objects)
+        import torch
+
+        count = sum(isinstance(o, torch.nn.Module) for o in objects)
+        modules, others = objects[:count], objects[count:]
+        if any(isinstance(o, torch.nn.Module) for o in others):
+            raise TypeError("Weights.prepare takes the modules first")
+        # one call with the optimizer: ZeRO needs them together
+        self.engine, *prepared = self.accelerator.prepare(EngineModules(modules), *others)
+        return (*[EngineCall(self.engine, i, m) for i, m in enumerate(modules)], *prepared)
 
     def unwrap(self, module):
-        """The module inside its engine wrapper (DDP, compile), for a forward pass on one process."""
+        """The module inside its engine wrapper (DDP, compile, DeepSpeed), for a forward pass on one process."""
+        if isinstance(module, EngineCall):
+            return module.module
         return self.accelerator.unwrap_model(module)
+
+    def autocast(self):
+        """The forward pass's precision context. accelerate leaves it to DeepSpeed, which casts the
+        weights but not the inputs, so under DeepSpeed torch's autocast is used directly."""
+        precision = str(self.accelerator.mixed_precision)
+        if self.deepspeed and precision in ("fp16", "bf16"):
+            import torch
+
+            dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return self.accelerator.autocast()
 
     @contextlib.contextmanager
     def full(self, module) -> Iterator[Any]:
         """The unwrapped module with every weight present, for reading (saving, sampling, checksums).
 
-        With replicas every process already holds them all; a sharded engine gathers them here for
-        the duration of the block.
+        With replicas (and ZeRO-1/2) every process already holds them all; under ZeRO-3 they are
+        whole only inside `gathered()`, which `on_main` and `checksums` enter on every process.
         """
+        if self.zero3 and not self._whole:
+            raise RuntimeError("under ZeRO-3 the full weights are read inside Weights.gathered() only")
         yield self.unwrap(module)
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Every trained weight whole on every process for the block (ZeRO-3; elsewhere nothing to do).
+
+        A collective: all processes enter it. ZeRO-3's module hooks are lifted meanwhile, so that a
+        forward pass on the main process alone (validation, samples) is plain torch: with them it
+        would shard the weights again after each layer and wait for the other processes at the next.
+        """
+        if not self.zero3 or self._whole:
+            yield
+            return
+        import deepspeed
+        from deepspeed.runtime.zero import parameter_offload
+
+        offload = self.engine.optimizer.parameter_offload
+        # the gathers DeepSpeed started ahead for the next training step are finished and released first
+        self.engine.empty_partition_cache()
+        with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
+            offload._remove_module_hooks()
+            self._whole = True
+            try:
+                yield
+            finally:
+                self._whole = False
+                offload.forward_hooks, offload.backward_hooks = [], []
+                offload.setup_zero_stage3_hooks()  # DeepSpeed re-records its trace at the next step
+                stack = parameter_offload.FWD_MODULE_STACK
+                if stack.count(offload.module) > 1:  # setup pushed the module once more
+                    stack.remove(offload.module)
 
     def on_main(self, work: Callable[[], Any]) -> Any:
         """`work()` on the main process while the others wait; a failure stops every process.
@@ -48,11 +118,12 @@ class Weights:
         """
         self.accelerator.wait_for_everyone()
         failure, result = None, None
-        try:
-            if self.is_main:
-                result = work()
-        except Exception as exc:  # raised on every process below, so that none waits for the main one
-            failure = exc
+        with self.gathered():
+            try:
+                if self.is_main:
+                    result = work()
+            except Exception as exc:  # raised on every process below, so that none waits for the main one
+                failure = exc
         raise_together(failure, self.accelerator)
         return result
 
@@ -64,12 +135,44 @@ class Weights:
         """Every process's sum of the modules' weights (in float64), gathered: replicas must agree."""
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), self.gathered():
             total = torch.zeros((), dtype=torch.float64)
             for module in modules:
                 with self.full(module) as m:
                     total = total + sum(p.detach().double().sum().cpu() for p in m.parameters())
         return self.accelerator.gather(total.reshape(1).to(self.device)).tolist()
+
+
+def EngineModules(modules):  # noqa: N802  (builds a module; a class made here to keep torch out of imports)
+    """One module holding every trained module, for the single DeepSpeed engine; its forward runs the
+    `index`-th of them."""
+    import torch
+
+    class _Trained(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.parts = torch.nn.ModuleList(modules)
+
+        def forward(self, index: int, *args, **kwargs):
+            return self.parts[index](*args, **kwargs)
+
+    return _Trained()
+
+
+class EngineCall:
+    """A trained module as the training step calls it: through the DeepSpeed engine, which hooks the
+    forward's output for its backward pass; every attribute is the module's own."""
+
+    def __init__(self, engine, index: int, module):
+        self._engine, self._index, self.module = engine, index, module
+
+    def __call__(self, *args, **kwargs):
+        return self._engine(self._index, *args, **kwargs)
+
+    def __getattr__(self, name: str):  # only for names the proxy itself does not have
+        if name in ("_engine", "_index", "module"):
+            raise AttributeError(name)
+        return getattr(self.module, name)
 
 
 def raise_together(error: BaseException | None, accelerator) -> None:

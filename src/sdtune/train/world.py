@@ -30,7 +30,7 @@ _TRUE = {"1", "true", "yes", "on"}
 
 # Engines the trainer runs correctly under; a requested engine outside this set is refused, since a
 # trainer not built for sharded weights would save or validate wrongly under it.
-SUPPORTED_ENGINES: frozenset[str] = frozenset()
+SUPPORTED_ENGINES: frozenset[str] = frozenset({"deepspeed"})
 
 _ENGINE_TYPES = {"deepspeed": "DEEPSPEED", "fsdp": "FSDP"}
 _ENGINE_NAMES = {"deepspeed": "DeepSpeed", "fsdp": "FSDP"}
@@ -155,6 +155,12 @@ def accelerator_handlers(opts, backend: str | None = None) -> list:
     requested = requested_engine(getattr(opts, "deepspeed", False))
     if requested is not None and requested not in SUPPORTED_ENGINES:
         _refuse_unsupported(requested)
+    if requested == "deepspeed" and not getattr(opts, "deepspeed", False):
+        # accelerate would build its own plugin from the launch's settings, which the trainer does not read
+        raise UserError("the launch asks for DeepSpeed (accelerate launch --use_deepspeed or a config file) but "
+                        "sdtune was not given --deepspeed", where="accelerate launch",
+                        fix="Add --deepspeed and set ZeRO up with --zero_stage and the --offload_* flags "
+                            "(drop --use_deepspeed), or launch plain data parallel.")
     # A trained text encoder conditioned on an earlier layer (clip skip) leaves its top layers
     # without gradients, which DDP must be told about.
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=opts.train_text_encoder,

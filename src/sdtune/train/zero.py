@@ -1,10 +1,10 @@
-"""DeepSpeed ZeRO with sd-scripts' flags: the options, and accelerate's DeepSpeed plugin built from them.
+"""DeepSpeed ZeRO with sd-scripts' flags: the options, accelerate's DeepSpeed plugin built from them,
+and the options that cannot act under it.
 
-Groundwork: the flags stay refused for training (`sdscripts_flags.PLANNED`) until the trainer runs
-under DeepSpeed (saving gathers full weights, validation and sampling under ZeRO-3); then
-`DeepSpeedOptions` joins `TrainOptions`, `make_accelerator` passes `deepspeed_plugin(...)` and
-`world.accelerator_handlers(opts, backend=process_group_backend(world))` (never `cpu=True`), and the
-trainer calls `world.start(accelerator, opts, deepspeed=True)`.
+`DeepSpeedOptions` is part of `TrainOptions`; `make_accelerator` passes `deepspeed_plugin(...)` and
+`world.accelerator_handlers(opts, backend=process_group_backend(world))` (never `cpu=True`, which
+makes accelerate drop DeepSpeed), and `world.start(accelerator, opts, deepspeed=True)` checks that
+DeepSpeed really runs. The trained modules go into one engine (train/weights.py); frozen parts stay out.
 
 The meanings are sd-scripts' (`--zero_stage` 2 by default, the global batch DeepSpeed checks is
 micro batch x accumulation x processes, fp16's initial loss scale 2^0, fp16 master weights only with
@@ -47,7 +47,7 @@ class DeepSpeedOptions(Options):
 
     @model_validator(mode="after")
     def _combinations(self):
-        given = [name for name, field in type(self).model_fields.items()
+        given = [name for name, field in DeepSpeedOptions.model_fields.items()
                  if name != "deepspeed" and getattr(self, name) != field.default]
         if given and not self.deepspeed:
             raise UserError("is a DeepSpeed option", where=f"--{given[0]}", fix="Add --deepspeed, or drop it.")
@@ -69,7 +69,41 @@ class DeepSpeedOptions(Options):
                             "CPU (sd-scripts logs this and trains without them)",
                             where="--fp16_master_weights_and_gradients",
                             fix="Add --zero_stage 2 --offload_optimizer_device cpu, or drop it.")
+        if self.zero3_init_flag:
+            raise UserError("sdtune loads the model whole and shards it when training starts; building it already "
+                            "sharded is not supported (it saves memory only while loading)", where="--zero3_init_flag",
+                            fix="Drop it; --offload_param_device cpu keeps the sharded weights in CPU memory.")
+        if self.zero3_save_16bit_model:
+            raise UserError("sdtune always gathers the full weights when saving under ZeRO-3 (in the precision they "
+                            "train in), so the flag has nothing to switch on", where="--zero3_save_16bit_model",
+                            fix="Drop it; --save_precision fp16 or bf16 writes a 16-bit file.")
         return self
+
+
+def check_training(opts) -> None:
+    """Refuse, in one line, the training options that cannot act under DeepSpeed (`opts`: TrainOptions)."""
+    if not opts.deepspeed:
+        return
+    refusals = [
+        (opts.hypernetwork_module, "--hypernetwork_module", "a hypernetwork trains a few small layers beside a frozen "
+         "model: DeepSpeed has nothing worth sharding there", "Drop --deepspeed."),
+        (opts.fused_backward_pass, "--fused_backward_pass", "DeepSpeed steps the optimizer itself, after the whole "
+         "backward pass", "Drop one of them (ZeRO-2 also frees the gradients of other processes' shards)."),
+        (opts.full_bf16, "--full_bf16", "DeepSpeed keeps float32 master weights behind its bf16 copy, so there is no "
+         "bf16 weight update to round stochastically", "Use --mixed_precision bf16 without --full_bf16."),
+        (opts.ema and opts.zero_stage == 3, "--ema", "under ZeRO-3 no process holds the whole U-Net at a step, so "
+         "there is nothing to average", "Use --zero_stage 2 (or 1), or drop --ema."),
+        ("schedulefree" in opts.effective_optimizer.lower(), "--optimizer_type", "DeepSpeed wraps the optimizer, so the "
+         "averaged weights of a schedule-free method cannot be switched in for saving and sampling",
+         "Use another optimizer, or drop --deepspeed."),
+        (opts.offload_optimizer_device and ("8bit" in opts.effective_optimizer.lower()
+                                            or "paged" in opts.effective_optimizer.lower()),
+         "--offload_optimizer_device", "bitsandbytes' 8-bit and paged optimizers step on the GPU, not on offloaded "
+         "CPU weights", "Use AdamW (or another torch optimizer) with offload, or drop the offload."),
+    ]
+    for refused, where, why, fix in refusals:
+        if refused:
+            raise UserError(f"does not work under DeepSpeed: {why}", where=where, fix=fix)
 
 
 def deepspeed_plugin(ds: DeepSpeedOptions, *, train_batch_size: int, gradient_accumulation_steps: int,
@@ -84,6 +118,11 @@ def deepspeed_plugin(ds: DeepSpeedOptions, *, train_batch_size: int, gradient_ac
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in _TRUE:
         raise UserError("ACCELERATE_USE_CPU (or accelerate launch --cpu) makes accelerate drop DeepSpeed without a word",
                         where="--deepspeed", fix="Unset ACCELERATE_USE_CPU; sdtune sets up DeepSpeed on the CPU itself.")
+    if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none") != "none":
+        raise UserError("an accelerate config names a DeepSpeed config file, which would replace sdtune's DeepSpeed "
+                        "flags", where="--deepspeed", fix="Remove deepspeed_config_file from the accelerate config; "
+                        "set ZeRO up with --zero_stage and the --offload_* flags.")
+    _check_launch_agrees(ds)
     if mixed_precision == "fp16" and not _cuda():
         raise UserError("DeepSpeed refuses fp16 on this CPU", where="--deepspeed",
                         fix="Use --mixed_precision bf16 or no.")
@@ -95,13 +134,19 @@ def deepspeed_plugin(ds: DeepSpeedOptions, *, train_batch_size: int, gradient_ac
             from None
     from accelerate.utils import DeepSpeedPlugin
 
+    # every field given: the plugin would otherwise fill unset ones from an accelerate config's environment
     plugin = DeepSpeedPlugin(
         zero_stage=ds.zero_stage, gradient_accumulation_steps=gradient_accumulation_steps,
-        gradient_clipping=max_grad_norm, offload_optimizer_device=ds.offload_optimizer_device,
-        offload_optimizer_nvme_path=ds.offload_optimizer_nvme_path, offload_param_device=ds.offload_param_device,
-        offload_param_nvme_path=ds.offload_param_nvme_path, zero3_init_flag=ds.zero3_init_flag,
+        gradient_clipping=max_grad_norm, offload_optimizer_device=ds.offload_optimizer_device or "none",
+        offload_optimizer_nvme_path=ds.offload_optimizer_nvme_path or "none",
+        offload_param_device=ds.offload_param_device or "none",
+        offload_param_nvme_path=ds.offload_param_nvme_path or "none", zero3_init_flag=ds.zero3_init_flag,
         zero3_save_16bit_model=ds.zero3_save_16bit_model)
     config = plugin.deepspeed_config
+    # The run's own optimizer steps the offloaded weights: accelerate would otherwise swap any optimizer
+    # for DeepSpeed's CPU Adam with only its learning rate and weight decay (a Lion or Adafactor run
+    # silently becoming Adam, betas and eps reset), and compile that op at first use.
+    config["zero_force_ds_cpu_optimizer"] = False
     config["train_micro_batch_size_per_gpu"] = train_batch_size
     # DeepSpeed checks global = micro batch x accumulation x processes
     config["train_batch_size"] = train_batch_size * gradient_accumulation_steps * world_size
@@ -115,6 +160,22 @@ def deepspeed_plugin(ds: DeepSpeedOptions, *, train_batch_size: int, gradient_ac
                 raise UserError("--full_fp16 under DeepSpeed needs ZeRO-2 with the optimizer offloaded to the CPU",
                                 where="--full_fp16", fix="Add --zero_stage 2 --offload_optimizer_device cpu.")
     return plugin
+
+
+def _check_launch_agrees(ds: DeepSpeedOptions) -> None:
+    """An accelerate launch with --use_deepspeed (or a DeepSpeed config file) passes its ZeRO settings in
+    the environment; sdtune's flags set DeepSpeed up, so a launch that says otherwise is refused rather
+    than overridden without a word."""
+    ours = {"ACCELERATE_DEEPSPEED_ZERO_STAGE": ("--zero_stage", str(ds.zero_stage)),
+            "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ("--offload_optimizer_device",
+                                                              ds.offload_optimizer_device or "none"),
+            "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ("--offload_param_device", ds.offload_param_device or "none")}
+    for name, (flag, value) in ours.items():
+        launched = os.environ.get(name)
+        if launched is not None and launched.strip().lower() != value:
+            raise UserError(f"the accelerate launch sets {name}={launched} but sdtune's {flag} is {value}",
+                            where=flag, fix=f"Give {flag} {launched}, or launch without --use_deepspeed "
+                                            "(sdtune's flags set DeepSpeed up).")
 
 
 def process_group_backend(world_size: int) -> str | None:
