@@ -350,7 +350,7 @@ class Trainer:
     def _build_optimizer(self) -> None:
         import torch
 
-        from sdtune.train import fused, optim, schedules
+        from sdtune.train import cpu_speed, fused, optim, schedules
         from sdtune.train.accel import allow_fp16_gradients
         from sdtune.train.ema import EMA
 
@@ -365,6 +365,7 @@ class Trainer:
         self.group_names = [g["name"] for g in groups]
         optimizer = optim.build_optimizer(opts.effective_optimizer, groups, opts.learning_rate, opts.optimizer_args,
                                           note=run.note)
+        cpu_speed.prefer_foreach_on_cpu(optimizer)
         if opts.full_bf16:  # the same rounding draws on every process keeps the replicas identical
             rounding = torch.Generator(run.device).manual_seed(seeds.derive(run.seed, seeds.BF16_ROUNDING))
             optim.add_bf16_stochastic_rounding(optimizer, rounding)
