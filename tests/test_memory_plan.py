@@ -167,6 +167,29 @@ def test_frozen_parts_in_the_compute_dtype():
     fp32 = predict_run(RunShape(mixed_precision="bf16", frozen_in_compute_dtype=False))
     bf16 = predict_run(RunShape(mixed_precision="bf16"))
     assert fp32.extras["VAE (frozen)"] == 2 * bf16.extras["VAE (frozen)"] == 4 * 83_653_863
+    # --no_half_vae: the VAE in float32, the text encoder still in the compute dtype
+    no_half = predict_run(RunShape(mixed_precision="bf16", vae_float32=True))
+    assert no_half.extras["VAE (frozen)"] == 4 * 83_653_863
+    assert no_half.extras["text encoder (frozen)"] == bf16.extras["text encoder (frozen)"]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_frozen_parts_have_the_families_parameter_counts(family):
+    """One copy of the frozen VAE and text encoder, 2 bytes per weight under mixed precision: their
+    parameters counted on the family's shipped configs."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdtune.families import get_family
+
+    assets = get_family(family).asset_dir
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(assets / "vae")))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(assets / "text_encoder")))
+    run = predict_run(RunShape(family=family, mixed_precision="bf16"))
+    assert run.extras["VAE (frozen)"] == 2 * sum(p.numel() for p in vae.parameters())
+    assert run.extras["text encoder (frozen)"] == 2 * sum(p.numel() for p in text.parameters())
     assert "VAE (frozen)" not in predict_run(RunShape(vae_on_device=False)).extras
 
 

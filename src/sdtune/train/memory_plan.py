@@ -77,7 +77,8 @@ class RunShape:
     train_text_encoder: bool = False
     vae_on_device: bool = True  # images encoded every step (no latent cache) or validation images
     text_encoder_on_device: bool = True  # captions encoded every step (no text-embedding cache)
-    frozen_in_compute_dtype: bool = True
+    frozen_in_compute_dtype: bool = True  # frozen parts on the accelerator: one copy, in the compute dtype
+    vae_float32: bool = False  # --no_half_vae: the VAE computes (and sits on the accelerator) in float32
     use_ema: bool = False  # an EMA of the U-Net on the accelerator (float32)
     fused_backward: bool = False  # each parameter stepped, and its gradient freed, as soon as it is complete
 
@@ -382,7 +383,7 @@ def predict_run(shape: RunShape, config: dict | None = None) -> RunMemory:
     family = "sd2" if shape.family.startswith("sd2") else "sd1"
     extras: dict[str, int] = {}
     if shape.vae_on_device:
-        extras["VAE (frozen)"] = frozen_bytes * _VAE_PARAMS
+        extras["VAE (frozen)"] = (4 if shape.vae_float32 else frozen_bytes) * _VAE_PARAMS
     te = _TEXT_ENCODER_PARAMS[family]
     if shape.train_text_encoder:
         wb = 2 if shape.full_bf16 or shape.full_fp16 else 4
@@ -484,4 +485,5 @@ def shape_from_options(opts, family_assets: str, plan=None) -> RunShape:
                     gradient_checkpointing=opts.gradient_checkpointing, optimizer=opts.effective_optimizer,
                     train_text_encoder=opts.train_text_encoder, vae_on_device=not opts.caches_latents,
                     text_encoder_on_device=not text_cached, use_ema=opts.ema and not opts.ema_cpu,
+                    vae_float32=opts.no_half_vae,
                     fused_backward=bool(getattr(opts, "fused_backward_pass", False)))
