@@ -27,6 +27,22 @@ MEASURED = {
     ("sd2", 768, "bf16_ckpt_adamw"): 16.129,
     ("sd2", 768, "bf16_ckpt_adamw8bit"): 8.376,
     ("sd2", 768, "bf16_ckpt_adafactor"): 8.265,
+    # --full_bf16, counted after the optimizer counted before it was freed
+    ("sd1", 512, "full_bf16_ckpt_adamw"): 6.526,
+    ("sd1", 768, "full_bf16_ckpt_adamw"): 6.703,
+    ("sd2", 512, "full_bf16_ckpt_adamw"): 6.573,
+    ("sd2", 768, "full_bf16_ckpt_adamw"): 6.750,
+    ("sd1", 512, "full_bf16_ckpt_adamw8bit"): 4.951,
+    ("sd1", 768, "full_bf16_ckpt_adamw8bit"): 5.129,
+    ("sd2", 512, "full_bf16_ckpt_adamw8bit"): 4.986,
+    ("sd2", 768, "full_bf16_ckpt_adamw8bit"): 5.164,
+    ("sd1", 512, "full_bf16_ckpt_adafactor"): 5.028,
+    ("sd1", 768, "full_bf16_ckpt_adafactor"): 5.205,
+    ("sd2", 512, "full_bf16_ckpt_adafactor"): 4.866,
+    ("sd2", 768, "full_bf16_ckpt_adafactor"): 5.044,
+    ("sd1", 512, "full_bf16_adamw"): 6.702,
+    ("sd1", 768, "full_bf16_adamw"): 7.438,
+    ("sd2", 512, "full_bf16_adamw"): 6.748,
 }
 SETS = {
     "fp32_adamw": {},
