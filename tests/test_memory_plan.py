@@ -43,6 +43,7 @@ MEASURED = {
     ("sd1", 512, "full_bf16_adamw"): 6.702,
     ("sd1", 768, "full_bf16_adamw"): 7.438,
     ("sd2", 512, "full_bf16_adamw"): 6.748,
+    ("sd2", 768, "full_bf16_adamw"): 7.474,
 }
 SETS = {
     "fp32_adamw": {},
