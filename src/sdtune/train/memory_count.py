@@ -85,13 +85,12 @@ class LiveBytes(TorchDispatchMode):
         self.live -= self._bytes.pop(token, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if _is_fake(args):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                # a fake tensor has no value; control flow that reads one (Adafactor's RMS, the
-                # 8-bit quantization map) takes a plausible one, the memory does not depend on it
-                return _PLAUSIBLE.get(args[0].dtype, 1.0)
-            if func.namespace == "bitsandbytes" and not func._schema.returns:
-                return None  # in-place optimizer kernels without a fake implementation: no allocation
+        if func is torch.ops.aten._local_scalar_dense.default and _is_fake(args):
+            # a fake tensor has no value; control flow that reads one (Adafactor's RMS, the 8-bit
+            # quantization map) takes a plausible one, the memory does not depend on it
+            return _PLAUSIBLE.get(args[0].dtype, 1.0)
+        if func.namespace == "bitsandbytes" and not func._schema.returns and _is_fake(args):
+            return None  # in-place optimizer kernels without a fake implementation: no allocation
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
@@ -243,8 +242,11 @@ def count_training_step(unet: torch.nn.Module, opts: StepOptions, optimizers: li
 def _count_optimizer_step(unet, params, opts: StepOptions, name: str, counter: LiveBytes, gpu_like: bool,
                           chunking: dict) -> tuple[int, int]:
     """(bytes of the optimizer state, peak of a step over a full set of gradients)."""
+    import gc
+
     from sdtune.train import optim
 
+    gc.collect()  # an earlier optimizer still in a reference cycle must not be counted in this one's step
     with counter:  # built inside: bitsandbytes reads values while building its quantization maps
         args = list(opts.optimizer_args)
         if gpu_like and name in ("AdamW", "Adam"):
@@ -263,6 +265,9 @@ def _count_optimizer_step(unet, params, opts: StepOptions, name: str, counter: L
         step = counter.peak
         state = sum(t.untyped_storage().nbytes() for t in tensors_of(optimizer))
         del optimizer
+        # --full_bf16's chunked step is a method bound to its optimizer (a reference cycle): freed
+        # only by the collector, which would otherwise run at a random point of the next count
+        gc.collect()
     return state, step
 
 

@@ -46,7 +46,19 @@ _TRANSFORMER = {"fp32": 136, "bf16": 72}
 _MOMENTS = {"adamw": 2, "adam": 2, "adamw8bit": 2, "pagedadamw8bit": 2, "lion": 1, "lion8bit": 1,
             "sgdnesterov": 1, "sgdnesterov8bit": 1, "prodigy": 4, "adafactor": 0}
 _EIGHT_BIT = {"adamw8bit", "pagedadamw8bit", "lion8bit", "sgdnesterov8bit", "pagedlion8bit"}
-_BF16_CHUNK = 1 << 22  # optim.BF16_CHUNK_ELEMENTS (that module imports torch-free too, but keep this light)
+# --full_bf16's chunked step, per element of the chunk being stepped, above its bf16 weight, gradient
+# and state: the float32 weight, gradient and moments, the optimizer's own temporaries and the
+# stochastic rounding's noise and sum. Counted tensor by tensor on one parameter (tests/test_memory_plan.py
+# counts them again): AdamW's multi-tensor path 16, 8-bit AdamW 12; Adafactor 14 for a vector, and
+# for a weight of more dimensions 12 plus 8 per element of its factored row (one per last-axis run).
+_CHUNK_BYTES = {"adamw": 16, "adam": 16, "adamw8bit": 12, "pagedadamw8bit": 12, "adafactor": 14}
+
+
+def _chunk_bytes(key: str, shape: tuple[int, ...]) -> int:
+    n = math.prod(shape)
+    if key == "adafactor" and len(shape) >= 2:
+        return 12 * n + 8 * n // shape[-1]
+    return _CHUNK_BYTES.get(key, 16) * n
 
 
 @dataclass(frozen=True)
@@ -65,7 +77,8 @@ class RunShape:
     train_text_encoder: bool = False
     vae_on_device: bool = True  # images encoded every step (no latent cache) or validation images
     text_encoder_on_device: bool = True  # captions encoded every step (no text-embedding cache)
-    frozen_in_compute_dtype: bool = True
+    frozen_in_compute_dtype: bool = True  # frozen parts on the accelerator: one copy, in the compute dtype
+    vae_float32: bool = False  # --no_half_vae: the VAE computes (and sits on the accelerator) in float32
     use_ema: bool = False  # an EMA of the U-Net on the accelerator (float32)
     fused_backward: bool = False  # each parameter stepped, and its gradient freed, as soon as it is complete
 
@@ -80,6 +93,9 @@ class Module:
     checkpointed: bool = False
     skip_of: int | None = None  # a down-path module whose output this one concatenates
     heads: int = 8
+    # where diffusers registers its parameters: (section, block, kind), sections in the order
+    # stem, down blocks, up blocks, mid block, head; in a block attentions, resnets, then the sampler
+    registered: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclass
@@ -138,19 +154,21 @@ def unet_modules(config: dict, height: int, width: int) -> list[Module]:
         cout = chans[level]
         npos = pos // 4 ** level
         for j in range(layers):
-            mods.append(Module("resnet", _resnet(cin if j == 0 else cout, cout, temb), cin if j == 0 else cout, cout, npos))
+            mods.append(Module("resnet", _resnet(cin if j == 0 else cout, cout, temb), cin if j == 0 else cout, cout, npos,
+                               registered=(1, level, 1)))
             if "CrossAttn" in block:
                 mods.append(Module("transformer", _transformer(cout, context, linear_proj), cout, cout, npos,
-                                   heads=heads_of[level]))
+                                   heads=heads_of[level], registered=(1, level, 0)))
             skips.append(len(mods) - 1)
         if level < len(chans) - 1:
-            mods.append(Module("down", _conv(cout, cout), cout, cout, npos))
+            mods.append(Module("down", _conv(cout, cout), cout, cout, npos, registered=(1, level, 2)))
             skips.append(len(mods) - 1)
     mid = chans[-1]
     mpos = pos // 4 ** (len(chans) - 1)
-    mods += [Module("resnet", _resnet(mid, mid, temb), mid, mid, mpos),
-             Module("transformer", _transformer(mid, context, linear_proj), mid, mid, mpos, heads=heads_of[-1]),
-             Module("resnet", _resnet(mid, mid, temb), mid, mid, mpos)]
+    mods += [Module("resnet", _resnet(mid, mid, temb), mid, mid, mpos, registered=(3, 0, 1)),
+             Module("transformer", _transformer(mid, context, linear_proj), mid, mid, mpos, heads=heads_of[-1],
+                    registered=(3, 0, 0)),
+             Module("resnet", _resnet(mid, mid, temb), mid, mid, mpos, registered=(3, 0, 1))]
     rev = chans[::-1]
     prev = rev[0]
     for i, block in enumerate(config["up_block_types"]):
@@ -161,15 +179,16 @@ def unet_modules(config: dict, height: int, width: int) -> list[Module]:
         for j in range(layers + 1):
             skip = cskip_in if j == layers else cout
             cin = (prev if j == 0 else cout) + skip
-            mods.append(Module("resnet", _resnet(cin, cout, temb), cin, cout, npos, skip_of=skips.pop()))
+            mods.append(Module("resnet", _resnet(cin, cout, temb), cin, cout, npos, skip_of=skips.pop(),
+                               registered=(2, i, 1)))
             if "CrossAttn" in block:
                 mods.append(Module("transformer", _transformer(cout, context, linear_proj), cout, cout, npos,
-                                   heads=heads_of[level]))
+                                   heads=heads_of[level], registered=(2, i, 0)))
         if i < len(chans) - 1:
-            mods.append(Module("up", _conv(cout, cout), cout, cout, npos * 4))
+            mods.append(Module("up", _conv(cout, cout), cout, cout, npos * 4, registered=(2, i, 2)))
         prev = cout
     mods.append(Module("head", _norm(chans[0]) + _conv(chans[0], config["out_channels"]), chans[0],
-                       config["out_channels"], pos))
+                       config["out_channels"], pos, registered=(4, 0, 0)))
     return mods
 
 
@@ -199,31 +218,59 @@ def _dtype_bytes(shape: RunShape) -> tuple[int, int, str]:
 
 def _state_bytes(name: str, shapes: list[tuple[int, ...]], weight_bytes: int) -> int:
     key = name.lower()
-    if key == "adafactor":  # factored second moment for matrices, a full one for vectors; float32
-        return sum(4 * (math.prod(s[:-1]) + math.prod(s[:-2]) * s[-1] if len(s) >= 2 else math.prod(s)) for s in shapes)
+    if key == "adafactor":  # factored second moments (float32) for matrices, a full one for vectors
+        # (in the weights' dtype: --full_bf16 rounds state shaped like its weight back to bf16)
+        return sum(4 * (math.prod(s[:-1]) + math.prod(s[:-2]) * s[-1]) if len(s) >= 2 else weight_bytes * math.prod(s)
+                   for s in shapes)
     moments = _MOMENTS.get(key, 2)
-    if key in _EIGHT_BIT:  # bitsandbytes: 8-bit blocks of 256 with a float32 scale; small tensors in 32 bits
-        return sum(moments * (n + 4 * math.ceil(n / 256)) if n >= 4096 else moments * 4 * n
+    if key in _EIGHT_BIT:  # bitsandbytes: 8-bit blocks of 256 with a float32 scale; small tensors in 32
+        # bits (--full_bf16 rounds those back to bf16, as every state shaped like its weight)
+        return sum(moments * (n + 4 * math.ceil(n / 256)) if n >= 4096 else moments * weight_bytes * n
                    for n in (math.prod(s) for s in shapes))
     # full-precision moments take the weights' dtype (bf16 under --full_bf16)
     return sum(moments * weight_bytes * math.prod(s) for s in shapes)
 
 
-def _step_transient(shape: RunShape, shapes: list[tuple[int, ...]], weight_bytes: int) -> int:
-    """The optimizer step's own temporaries, beyond weights, gradients and state."""
+def _step_transient(shape: RunShape, shapes: list[tuple[int, ...]]) -> int:
+    """The float32 optimizer step's own temporaries, beyond weights, gradients and state."""
     key = shape.optimizer.lower()
-    largest = max(math.prod(s) for s in shapes)
-    total = sum(math.prod(s) for s in shapes)
-    chunked = shape.full_bf16
     if key == "adafactor":  # per tensor: grad^2 and the factored estimate, then the negated update
-        own = 8 * largest
-    elif key in _EIGHT_BIT:  # in-place kernels
-        own = 0
-    else:  # torch's multi-tensor path makes one full-size temporary (the denominator) per group
-        own = 4 * (largest if chunked else total)
-    if chunked:  # one chunk in float32 at a time, then rounded (noise, sum, mask: 16 bytes per element)
-        return max(own + 8 * max(largest, _BF16_CHUNK), 16 * largest)
-    return own
+        return 8 * max(math.prod(s) for s in shapes)
+    if key in _EIGHT_BIT:  # in-place kernels
+        return 0
+    # torch's multi-tensor path makes one full-size temporary (the denominator) per group
+    return 4 * sum(math.prod(s) for s in shapes)
+
+
+def bf16_chunks(shapes: list[tuple[int, ...]], limit: int) -> list[list[tuple[int, ...]]]:
+    """The chunks of --full_bf16's step, as optim._chunks groups parameters in their order."""
+    chunks: list[list[tuple[int, ...]]] = [[]]
+    size = 0
+    for s in shapes:
+        n = math.prod(s)
+        if size and size + n > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(s)
+        size += n
+    return [c for c in chunks if c]
+
+
+def _chunked_step(shape: RunShape, shapes: list[tuple[int, ...]], chunk_elements: int) -> int:
+    """The most --full_bf16's step holds beyond weights and state: the bf16 gradients not yet stepped
+    (each chunk's are freed as it is rounded back) plus the float32 transient of the chunk stepped."""
+    from sdtune.train.optim import OPTIMIZERS, SEPARABLE_OPTIMIZERS
+
+    key = shape.optimizer.lower()
+    spec = OPTIMIZERS.get(key)
+    if (spec.cls if spec else shape.optimizer.rpartition(".")[2]) not in SEPARABLE_OPTIMIZERS:
+        chunk_elements = parameter_count(shapes)  # a step coupling the parameters is upcast and stepped whole
+    remaining = 2 * parameter_count(shapes)
+    peak = 0
+    for chunk in bf16_chunks(shapes, chunk_elements):
+        peak = max(peak, remaining + sum(_chunk_bytes(key, s) for s in chunk))
+        remaining -= 2 * parameter_count(chunk)
+    return peak
 
 
 def _activations(m: Module, shape: RunShape, act: int, key: str) -> int:
@@ -250,9 +297,12 @@ def _weight_casts(m: Module, shape: RunShape) -> int:
     return 2 * sum(math.prod(s) for s in m.params if len(s) >= 2)
 
 
-def plan_unet_step(shape: RunShape, config: dict | None = None) -> dict[str, int]:
+def plan_unet_step(shape: RunShape, config: dict | None = None, *, bf16_chunk: int | None = None) -> dict[str, int]:
     """Predicted bytes of one U-Net training step: {"weights", "gradients", "state", "forward",
-    "backward", "step", "peak"} (the phases include everything alive during them)."""
+    "backward", "step", "peak"} (the phases include everything alive during them). `bf16_chunk`:
+    --full_bf16's chunk size in elements (default: the one the step uses)."""
+    from sdtune.train.optim import BF16_CHUNK_ELEMENTS
+
     config = config or load_unet_config(shape.family)
     width, height = (shape.resolution, shape.resolution) if isinstance(shape.resolution, int) else shape.resolution
     mods = unet_modules(config, height, width)
@@ -288,10 +338,15 @@ def plan_unet_step(shape: RunShape, config: dict | None = None) -> dict[str, int
         if m.skip_of is not None:
             src = mods[m.skip_of]
             pending[m.skip_of] = act * src.channels_out * src.positions * shape.batch_size
-    step = weights + grads + state + _step_transient(shape, shapes, wb)
+    if shape.full_bf16:  # in diffusers' parameter order: gradients are freed chunk by chunk
+        ordered = [s for m in sorted(mods, key=lambda m: m.registered) for s in m.params]
+        step = weights + state + _chunked_step(shape, ordered, bf16_chunk or BF16_CHUNK_ELEMENTS)
+    else:
+        step = weights + grads + state + _step_transient(shape, shapes)
     if fused:  # the steps happen inside the backward pass, one parameter at a time
-        largest = [max(shapes, key=math.prod)]
-        backward += _step_transient(shape, largest, wb)
+        largest = max(shapes, key=math.prod)
+        backward += (_chunk_bytes(shape.optimizer.lower(), largest) if shape.full_bf16
+                     else _step_transient(shape, [largest]))
         step = 0
     out = {"weights": weights, "gradients": grads, "state": state, "activations": sum(kept),
            "forward": forward, "backward": backward, "step": step}
@@ -328,7 +383,7 @@ def predict_run(shape: RunShape, config: dict | None = None) -> RunMemory:
     family = "sd2" if shape.family.startswith("sd2") else "sd1"
     extras: dict[str, int] = {}
     if shape.vae_on_device:
-        extras["VAE (frozen)"] = frozen_bytes * _VAE_PARAMS
+        extras["VAE (frozen)"] = (4 if shape.vae_float32 else frozen_bytes) * _VAE_PARAMS
     te = _TEXT_ENCODER_PARAMS[family]
     if shape.train_text_encoder:
         wb = 2 if shape.full_bf16 or shape.full_fp16 else 4
@@ -430,4 +485,5 @@ def shape_from_options(opts, family_assets: str, plan=None) -> RunShape:
                     gradient_checkpointing=opts.gradient_checkpointing, optimizer=opts.effective_optimizer,
                     train_text_encoder=opts.train_text_encoder, vae_on_device=not opts.caches_latents,
                     text_encoder_on_device=not text_cached, use_ema=opts.ema and not opts.ema_cpu,
+                    vae_float32=opts.no_half_vae,
                     fused_backward=bool(getattr(opts, "fused_backward_pass", False)))

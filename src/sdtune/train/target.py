@@ -101,6 +101,8 @@ class FullFineTune(TrainingTarget):
         text_encoder.train(train_te)
         if train_te:
             text_encoder.to(device)
+        elif self._saved_in(compute_dtype):  # saves round it to this precision anyway: cast in place, one copy
+            text_encoder = text_encoder.eval().to(device=device, dtype=compute_dtype)
         else:  # frozen: a copy in the compute precision; the model's own stays as loaded, for saving
             text_encoder = compute_copy(text_encoder.eval(), device, compute_dtype)
         self.text_encoder = text_encoder
@@ -117,6 +119,14 @@ class FullFineTune(TrainingTarget):
             if train_te:
                 text_encoder.to(compute_dtype)
         self.unet = unet
+
+    def _saved_in(self, dtype) -> bool:
+        """Whether saves write the model in `dtype` (rounding from float32 once, as a cast at load does)."""
+        import torch
+
+        from sdtune.checkpoint.save import precision_dtype
+
+        return dtype != torch.float32 and precision_dtype(self.opts.save_precision or "float") == dtype
 
     def param_groups(self) -> list[dict[str, Any]]:
         from sdtune.train.optim import build_param_groups
