@@ -169,3 +169,29 @@ def test_sample_latents_draws_from_the_posterior():
     assert abs(draws.mean().item() - 2.0) < 0.01 and abs(draws.std().item() - 0.5) < 0.01
     again = sample_latents(mean, logvar, torch.Generator().manual_seed(0))
     assert torch.equal(again, draws[0])
+
+
+def test_ranks_encode_their_shares_and_the_merge_is_the_whole_cache(data, vae, tmp_path):
+    """Two processes on shared storage: each encodes only its half, and the whole cache is put together
+    from what they found, without either process checking the other's entries. A third, single
+    process over the same folder then finds every entry up to date, at the same paths."""
+    from sdtune.data.latent_cache import LatentCache
+
+    bad = data / "img" / "img_003.png"
+    bad.write_bytes(bad.read_bytes()[:100])  # undecodable: left out by whichever rank owns it
+    plan = build_plan(_opts(data), seed=0)
+    shares, images = [], []
+    for rank in (0, 1):
+        with Counter(vae) as c:
+            shares.append(ensure_latent_cache(plan, vae, rank=rank, world_size=2, log=lambda m: None, progress=False))
+        images.append(c.images)
+    assert images == [3, 2]  # 6 images sorted by bucket, every second one each, one of rank 1's undecodable
+    assert not set(shares[0].paths) & set(shares[1].paths)
+    merged = LatentCache.from_shares(plan, [s.share() for s in shares], shares[0].dtype)
+
+    single, encoded = _run(vae, _opts(data))
+    assert encoded == 0 and single.reused == 5  # the two shares are the whole cache
+    assert merged.paths == single.paths
+    assert (merged.encoded, merged.reused) == (5, 0)
+    assert [s.path for s in merged.plan.active] == [s.path for s in single.plan.active]
+    assert [p for p, _ in merged.plan.skipped] == [str(bad)] == [p for p, _ in single.plan.skipped]

@@ -201,9 +201,27 @@ class LatentCache:
     encoded: int = 0
     reasons: Counter = field(default_factory=Counter)
     dtype: str = ""  # the precision the VAE encodes (and encoded) the entries in, e.g. "float32"
+    failures: dict[int, str] = field(default_factory=dict)  # sample index -> why its image was left out
 
     def has(self, index: int, flip: bool) -> bool:
         return (index, flip) in self.paths or (index, flip) in self.memory
+
+    def share(self) -> dict[str, Any]:
+        """What one process of a sharded encoding found, small enough to send to the others."""
+        return {"paths": self.paths, "failures": self.failures, "reused": self.reused, "encoded": self.encoded}
+
+    @classmethod
+    def from_shares(cls, plan: DatasetPlan, shares: list[dict[str, Any]], dtype: str) -> LatentCache:
+        """The whole cache from every process's `share()`: no process reads another's entries."""
+        cache = cls(plan, dtype=dtype)
+        for share in shares:
+            cache.paths.update(share["paths"])
+            cache.failures.update(share["failures"])
+            cache.reused += share["reused"]
+            cache.encoded += share["encoded"]
+        if cache.failures:
+            cache.plan = plan.without(cache.failures)
+        return cache
 
 
 def _parts(plan: DatasetPlan, s: Sample, flip: bool, image_sha: str, vae_id: str, dtype: str) -> dict[str, Any]:
@@ -258,6 +276,7 @@ def _plan_entries(plan: DatasetPlan, vae_id: str, dtype: str, to_disk: bool, has
     wanted.sort(key=lambda e: (e[0].bucket, e[0].path, e[1]))
     mine = wanted[rank::world_size]
     reuse, todo, failures = [], [], {}
+    listing = _Listing()
     from tqdm import tqdm
 
     for s, flip in tqdm(mine, desc="checking latent cache", unit="img", leave=False, disable=None):
@@ -276,9 +295,8 @@ def _plan_entries(plan: DatasetPlan, vae_id: str, dtype: str, to_disk: bool, has
         name = Path(s.path).name
         variant = "f" if flip else "n"
         path = folder / f"{name}.{variant}.{key[:16]}.safetensors"
-        others = [p for p in folder.glob(f"{_glob_escape(name)}.{variant}.*.safetensors") if p != path] \
-            if folder.is_dir() else []
-        if path.is_file():
+        others = [folder / n for n in listing.entries(folder, f"{name}.{variant}.") if folder / n != path]
+        if path.name in listing.names(folder):
             if not check or _valid(path, key, s.bucket, "alpha_mask" in parts):
                 reuse.append(Entry(s.index, flip, parts, key, path, old=others))
                 continue
@@ -288,8 +306,31 @@ def _plan_entries(plan: DatasetPlan, vae_id: str, dtype: str, to_disk: bool, has
     return reuse, todo, failures
 
 
-def _glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+class _Listing:
+    """Each cache folder listed once: a glob or a file-status call per image would read a folder of
+    N entries N times (hours for a million images on shared storage)."""
+
+    def __init__(self) -> None:
+        self._names: dict[Path, set[str]] = {}
+        self._by_image: dict[Path, dict[str, list[str]]] = {}
+
+    def names(self, folder: Path) -> set[str]:
+        if folder not in self._names:
+            try:
+                self._names[folder] = {n for n in os.listdir(folder) if n.endswith(".safetensors")}
+            except OSError:  # not made yet: no entries
+                self._names[folder] = set()
+        return self._names[folder]
+
+    def entries(self, folder: Path, prefix: str) -> list[str]:
+        """The entry files of one image and variant: `<image name>.<n|f>.<key>.safetensors`."""
+        if folder not in self._by_image:
+            table: dict[str, list[str]] = {}
+            for n in self.names(folder):
+                head = n[:-len(".safetensors")].rsplit(".", 1)[0]  # without the key
+                table.setdefault(head + ".", []).append(n)
+            self._by_image[folder] = table
+        return sorted(self._by_image[folder].get(prefix, []))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,6 +388,7 @@ def ensure_latent_cache(plan: DatasetPlan, vae, *, device="cpu", dtype=None, to_
         for i, reason in failures.items():
             log(f"warning: {plan.samples[i].path}: {reason}; skipped")
         cache.plan = plan.without(failures)
+    cache.failures = failures
     return cache
 
 

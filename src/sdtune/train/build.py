@@ -118,7 +118,6 @@ def load_data(run: RunContext) -> DataParts:
     import torch
 
     from sdtune.checkpoint import load_vae
-    from sdtune.data import ensure_latent_cache
     from sdtune.train import state, validation
     from sdtune.train.noise import DiffusionObjective
     from sdtune.train.setup import compute_copy
@@ -153,11 +152,7 @@ def load_data(run: RunContext) -> DataParts:
         # from the model's own full-precision VAE, with the cache's own precision rule (float16 on a
         # GPU unless --no_half_vae), exactly as `sdtune cache` encodes: its entries are then reused
         # and the latents never come from weights rounded twice (e.g. bf16, then fp16)
-        cache = ensure_latent_cache(plan, model.vae, device=device, rank=run.rank if shard else 0,
-                                    world_size=run.world if shard else 1, progress=run.main, log=note)
-        if shard:  # every rank needs the whole index: a second pass only reads what the others wrote
-            run.accelerator.wait_for_everyone()
-            cache = ensure_latent_cache(plan, model.vae, device=device, progress=False, log=lambda *a: None)
+        cache = _latent_cache(run, plan, model.vae, device, shard)
         plan = cache.plan
         if vae is model.vae:
             vae.to("cpu")
@@ -168,6 +163,27 @@ def load_data(run: RunContext) -> DataParts:
     if record and not state.check_dataset(record, dataset, opts.resume_allow_changes, opts.resume):
         note("note: the dataset changed since the state was saved; the resumed epoch's order differs")
     return DataParts(model, plan, held_out, objective, validator, cache, vae, dataset)
+
+
+def _latent_cache(run: RunContext, plan, vae, device, shard: bool):
+    """The latent cache; with `shard` each process checks and encodes only its share of the entries
+    (on shared storage) and the processes exchange where their entries are, so none reads the
+    others' files."""
+    from sdtune.data.latent_cache import LatentCache, ensure_latent_cache
+    from sdtune.train.weights import raise_together
+
+    if not shard:
+        return ensure_latent_cache(plan, vae, device=device, progress=run.main, log=run.note)
+    mine, failure = None, None
+    try:
+        mine = ensure_latent_cache(plan, vae, device=device, rank=run.rank, world_size=run.world,
+                                   progress=run.main, log=run.note)
+    except Exception as exc:  # a bad image under --strict on one process stops all of them
+        failure = exc
+    raise_together(failure, run.accelerator)
+    from accelerate.utils import gather_object
+
+    return LatentCache.from_shares(plan, gather_object([mine.share()]), mine.dtype)
 
 
 def build_text(run: RunContext, data: DataParts, target) -> TextParts:
