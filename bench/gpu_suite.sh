@@ -31,7 +31,7 @@ PY=${PYTHON:-python3}
 mkdir -p "$DEST"
 : > "$DEST/stages.jsonl"
 SITE=/tmp/sdtune-gpu-site
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ "$MODE" = gpu ] && ls .whl/*.whl >/dev/null 2>&1; then  # (wheels for the GPU machine's Python only)
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
     || { echo "gpu_suite.sh: installing the wheels of .whl/ failed" >&2; exit 1; }
   export PYTHONPATH="$SITE:$PWD/src"
