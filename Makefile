@@ -8,6 +8,8 @@
 # that drift is seen on purpose; `make lock` then records those versions in constraints.txt.
 # While working: `make lint` (ruff, configured in pyproject.toml) and `make test-fast` (the suite without
 # the tests marked slow); CI (.ci/run) runs `make lint` and then `make test`.
+# The suite runs on two workers that take over each other's not yet started tests (`--dist worksteal`): the
+# long modules go first (tests/conftest.py), so no worker waits alone on a long run at the end.
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -37,11 +39,11 @@ demo: $(STAMP)
 	$(BIN)/sdtune demo demo_out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist worksteal -q $(PYTEST_ARGS)
 
 # The inner loop: everything but the slow runs (and sd-scripts' own, as in `make test`).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q -m 'not slow and not sdscripts' $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist worksteal -q -m 'not slow and not sdscripts' $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -53,7 +55,7 @@ test-latest:
 	@$(LATEST)/bin/python -W ignore -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > $(LATEST)/torch-constraint.txt
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-constraint.txt -e ".[dev]"
 	$(LATEST)/bin/python -m pip list --format=freeze 2>/dev/null | grep -i -E '^(accelerate|diffusers|transformers|tokenizers|safetensors|huggingface.hub|pydantic|bitsandbytes)=='
-	$(LATEST)/bin/python -m pytest -n 2 -q $(PYTEST_ARGS)
+	$(LATEST)/bin/python -m pytest -n 2 --dist worksteal -q $(PYTEST_ARGS)
 
 # The checks that run sd-scripts itself beside sdtune (its own venv and source tree: a checkout of
 # sd-scripts and a venv with its requirements): make test-sdscripts SDSCRIPTS_PYTHON=/path/venv-kohya/bin/python SDSCRIPTS_DIR=/path/sd-scripts

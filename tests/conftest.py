@@ -151,3 +151,28 @@ def _sdscripts_environment(request):
     if request.node.get_closest_marker("sdscripts") and not os.environ.get("SDTUNE_SDSCRIPTS_PYTHON"):
         pytest.fail("set SDTUNE_SDSCRIPTS_PYTHON (sd-scripts' venv Python) and SDTUNE_SDSCRIPTS_DIR (its source "
                     "tree), e.g. through `make test-sdscripts SDSCRIPTS_PYTHON=... SDSCRIPTS_DIR=...`")
+
+
+# The modules that take longest (worker-seconds on a quiet machine, longest first): under pytest-xdist
+# they are run first, so that the short tests fill in at the end and no worker waits alone on a long
+# run (with `--dist worksteal` an idle worker takes over the other's not yet started tests).
+_LONGEST_FIRST = ("test_compiled.py", "test_golden_run.py", "test_multinode.py", "test_fused_backward.py",
+                  "test_world.py", "test_kill_during_save.py", "test_demo.py", "test_hypernetwork_training.py",
+                  "test_train_multiprocess.py", "test_file_modes.py", "test_legacy_workflow.py", "test_memory_count.py",
+                  "test_zero.py", "test_lr_schedules.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist only (each worker collects and sorts alike): the longest modules first, then
+    the other modules with slow tests, then the rest, each module's tests kept together in their order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    slow_modules = {item.path.name for item in items if item.get_closest_marker("slow")}
+
+    def rank(item):
+        name = item.path.name
+        if name in _LONGEST_FIRST:
+            return _LONGEST_FIRST.index(name)
+        return len(_LONGEST_FIRST) + (0 if name in slow_modules else 1)
+
+    items.sort(key=rank)  # stable: the collection order within each rank

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 from sdtune.errors import UserError
-from sdtune.testing import write_tiny_model, write_training_workspace
 from sdtune.train.options import TrainOptions
 
 pytestmark = pytest.mark.slow
@@ -28,10 +27,9 @@ def _run(ws: Path, out: Path, *extra: str):
     return train(options_from_args(build_parser("train").parse_args(args))), load_file(str(out / "N.safetensors"))
 
 
-def test_compiled_run_has_the_uncompiled_losses_and_weights(tmp_path):
+def test_compiled_run_has_the_uncompiled_losses_and_weights(tmp_path, training_workspace):
     torch._dynamo.reset()
-    write_training_workspace(tmp_path, n=4)
-    write_tiny_model(tmp_path / "model.safetensors", "sd1", seed=0)
+    training_workspace(tmp_path, n=4)
     plain, plain_weights = _run(tmp_path, tmp_path / "plain")
     # aot_eager traces forward and backward as inductor does, without needing minutes of C++ builds here
     comp, comp_weights = _run(tmp_path, tmp_path / "comp", "--torch_compile", "--dynamo_backend", "aot_eager")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdtune.errors import UserError
-from sdtune.testing import build_tiny_model, write_tiny_model, write_training_workspace
+from sdtune.testing import build_tiny_model
 from sdtune.train import fused, optim
 from sdtune.train.options import TrainOptions
 
@@ -60,14 +60,20 @@ def _train(unet, name: str, *, fuse: bool, max_grad_norm: float, steps: int = 2,
     return live, len(params)
 
 
+@pytest.fixture(scope="module")
+def built_unet():
+    """The tiny U-Net, built once for the module: each test trains copies of it."""
+    return build_tiny_model("sd1", seed=0).unet
+
+
 @pytest.mark.parametrize("name,args,max_grad_norm", [
     ("AdamW", (), 0.0), ("AdamW8bit", (), 1e-3), ("Adafactor", (), 1e-3),
     ("Adafactor", ("relative_step=False", "scale_parameter=False"), 0.0)])
-def test_same_weights_as_the_unfused_step_and_gradients_never_all_alive(name, args, max_grad_norm):
+def test_same_weights_as_the_unfused_step_and_gradients_never_all_alive(built_unet, name, args, max_grad_norm):
     if name == "AdamW8bit":
         pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
-    reference = build_tiny_model("sd1", seed=0).unet.train()
+    reference = copy.deepcopy(built_unet).train()
     fused_unet = copy.deepcopy(reference)
     start = {k: v.clone() for k, v in reference.state_dict().items()}
     _train(reference, name, fuse=False, max_grad_norm=max_grad_norm, args=args)
@@ -102,13 +108,12 @@ def test_train_option_is_validated():
     assert TrainOptions(**common, use_8bit_adam=True).fused_backward_pass
 
 
-def test_training_run_with_the_flag_matches_the_unfused_run(tmp_path):
+def test_training_run_with_the_flag_matches_the_unfused_run(tmp_path, training_workspace):
     from sdtune.cli import build_parser
     from sdtune.train.command import options_from_args
     from sdtune.train.trainer import train
 
-    write_training_workspace(tmp_path, n=4)
-    write_tiny_model(tmp_path / "model.safetensors", "sd1", seed=0)
+    training_workspace(tmp_path, n=4, safetensors=True)
 
     def run(out: Path, *extra: str):
         args = ["train", "--pretrained_model_name_or_path", str(tmp_path / "model"), "--in_json",

@@ -18,7 +18,7 @@ from sdtune import checkpoint
 from sdtune.cli import build_parser
 from sdtune.hypernetwork import apply, files
 from sdtune.hypernetwork.module import new_hypernetwork
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 from sdtune.train.command import options_from_args
 from sdtune.train.hypernetwork import HypernetworkTarget
 from sdtune.train.trainer import train
@@ -28,20 +28,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # trains
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_workspace(root: Path, family: str) -> Path:
+def make_workspace(root: Path, family: str, tiny_model_file) -> Path:
     make_dataset(root / "data", n=4, seed=0, metadata=root / "meta.json")
-    write_tiny_model(root / "model.safetensors", family, seed=0)
+    tiny_model_file(root / "model.safetensors", family, seed=0)
     return root
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
-def workspace(request, tmp_path_factory):
-    return make_workspace(tmp_path_factory.mktemp(f"hn-{request.param}"), request.param)
+def workspace(request, tmp_path_factory, tiny_model_file):
+    return make_workspace(tmp_path_factory.mktemp(f"hn-{request.param}"), request.param, tiny_model_file)
 
 
 @pytest.fixture(scope="module")
-def sd1_workspace(tmp_path_factory):
-    return make_workspace(tmp_path_factory.mktemp("hn-sd1-only"), "sd1")
+def sd1_workspace(tmp_path_factory, tiny_model_file):
+    return make_workspace(tmp_path_factory.mktemp("hn-sd1-only"), "sd1", tiny_model_file)
 
 
 def options(root: Path, *extra: str):
@@ -171,12 +171,12 @@ def test_training_continues_a_web_ui_file(sd1_workspace, tmp_path):
     assert torch.equal(saved[768][1]["linear.2.weight"], web_ui[768][1]["linear.2.weight"])  # no such layer: kept
 
 
-def test_dry_run_shows_the_hypernetwork(sd1_workspace, capsys):
+def test_dry_run_shows_the_hypernetwork(sd1_workspace, capsys, tiny_model_file):
     from sdtune.train.plan import dry_run
 
     root = sd1_workspace
-    write_tiny_model(root / "folder", "sd1", seed=0, fmt="diffusers")
-    dry_run(options(root, "--pretrained_model_name_or_path", str(root / "folder"), "--dry_run",
+    folder = tiny_model_file(root / "folder" / "model", "sd1", seed=0, fmt="diffusers")
+    dry_run(options(root, "--pretrained_model_name_or_path", str(folder), "--dry_run",
                     "--hypernetwork_layer_structure", "1,2,2,1", "--hypernetwork_enable_sizes", "16", "32", "64",
                     "768"))
     out = capsys.readouterr().out

@@ -1,7 +1,14 @@
-"""Two "machines" of one process each, over the loopback address, train exactly as two processes on
-one machine: `accelerate launch --num_machines 2 --machine_rank R --main_process_ip 127.0.0.1`
-(one launcher per machine, started together) writes the same weights, bit for bit, as
-`accelerate launch --num_processes 2` on one machine (~40 s: three launchers of two gloo ranks' work)."""
+"""Two data-parallel processes on the CPU through the real `accelerate launch` (gloo), on one machine
+and on two "machines" over the loopback address.
+
+The one-machine run: both processes train (each names its first batch), on different images, an
+epoch takes half the steps of a single process, both end with identical weights, and only the main
+process writes the model, whose weights match the checksum both processes report.
+
+Two machines of one process each (`accelerate launch --num_machines 2 --machine_rank R
+--main_process_ip 127.0.0.1`, one launcher per machine, started together) then write the same
+weights, bit for bit, as that one-machine run (~40 s: three launchers of two gloo ranks' work; the
+one-machine run serves both checks, as each launch costs three Python processes)."""
 
 from __future__ import annotations
 
@@ -15,34 +22,67 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from sdtune.testing import make_dataset, write_tiny_model
+from sdtune.testing import make_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform == "win32", reason="gloo launch is tested on Linux")]
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _launch(tmp_path: Path, out: str, port: int, machines: int, machine_rank: int) -> list[str]:
+def _launch(root: Path, data: str, out: str, port: int, machines: int, machine_rank: int) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", str(machines), "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
             "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
             "--num_cpu_threads_per_process", "1", str(REPO / "fine_tune.py"),
-            f"--pretrained_model_name_or_path={tmp_path / 'model'}", "--in_json", str(tmp_path / "meta.json"),
-            f"--train_data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / out}", "--resolution=64",
-            "--train_batch_size=1", "--learning_rate=1e-3", "--max_data_loader_n_workers=0", "--max_train_steps=2",
-            "--seed=3"]
+            f"--pretrained_model_name_or_path={root / 'model'}", "--in_json", str(root / "meta.json"),
+            f"--train_data_dir={root / data}", f"--output_dir={root / out}", "--resolution=64",
+            "--train_batch_size=1", "--learning_rate=1e-3", "--max_data_loader_n_workers=0", "--max_train_epochs=1",
+            "--cache_latents_to_disk", "--seed=3"]
 
 
-def test_two_machines_over_loopback_train_like_two_processes_on_one(tmp_path, run_in_session):
-    write_tiny_model(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
-    make_dataset(tmp_path / "data", n=4, seed=0, metadata=tmp_path / "meta.json")
+def _check_one_machine(root: Path, proc) -> None:
+    out = proc.stdout
+    # the two ranks' shares together cover every image, once (each rank encodes its share)
+    entries = [p for p in (root / "data" / ".sdtune-cache").glob("*.safetensors")]
+    assert len(entries) == 4, sorted(p.name for p in entries)
+    firsts = dict(re.findall(r"^process (\d)/2: first batch (.+)$", out, re.M))
+    assert sorted(firsts) == ["1", "2"], out
+    assert firsts["1"] != firsts["2"]  # each process draws its own share of the images
+
+    # 4 images, batch 1, 2 processes: 2 optimizer steps per epoch (a single process takes 4)
+    assert "with 2 processes" in out and "2 optimizer steps per epoch" in out
+    summary = json.loads((root / "one" / "last-train_summary.json").read_text())
+    assert summary["steps"] == 2
+    # each optimizer step saw batch 1 x 2 processes = 2 images, and the run records that
+    assert (summary["trained"]["num_processes"], summary["trained"]["total_batch_size"]) == (2, 2)
+
+    sums = re.search(r"U-Net weight checksum per process: (\S+), (\S+) \((\w+)", out)
+    assert sums, out
+    assert sums.group(1) == sums.group(2) and sums.group(3) == "identical"
+    saved = [p for p in (root / "one").iterdir() if p.suffix == ".safetensors"]
+    assert [p.name for p in saved] == ["last.safetensors"]  # written once, by the main process
+    unet = {k: v for k, v in load_file(str(saved[0])).items() if k.startswith("model.diffusion_model.")}
+    total = sum(v.double().sum().item() for v in unet.values())
+    assert total == pytest.approx(float(sums.group(1)), rel=1e-9)
+
+
+def test_two_cpu_processes_train_one_model_and_two_machines_train_alike(tmp_path, run_in_session, tiny_model_file):
+    tiny_model_file(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
+    for data in ("data", "data2"):  # each launch encodes (and caches) its own images
+        make_dataset(tmp_path / data, n=4, seed=0, metadata=tmp_path / "meta.json")
+    # ACCELERATE_USE_CPU makes accelerate pick MULTI_CPU (gloo) instead of silently running
+    # two independent single processes (both then save the same state: a race)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"}
 
-    one = run_in_session(_launch(tmp_path, "one", 29571, machines=1, machine_rank=0), timeout=240, env=env, cwd=tmp_path)
+    # a hung rendezvous ends with both ranks
+    one = run_in_session(_launch(tmp_path, "data", "one", 29571, machines=1, machine_rank=0), timeout=240, env=env,
+                         cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
+    _check_one_machine(tmp_path, one)
+
     with ThreadPoolExecutor(2) as pool:  # both machines must be up for the rendezvous
-        runs = [pool.submit(run_in_session, _launch(tmp_path, "two", 29572, machines=2, machine_rank=r), timeout=240,
-                            env=env, cwd=tmp_path) for r in (0, 1)]
+        runs = [pool.submit(run_in_session, _launch(tmp_path, "data2", "two", 29572, machines=2, machine_rank=r),
+                            timeout=240, env=env, cwd=tmp_path) for r in (0, 1)]
         two = [r.result() for r in runs]
     for proc in two:
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -134,12 +134,12 @@ def test_a_target_from_outside_is_trained_saved_and_resumed_by_the_same_trainer(
     out = tmp_path / "out"
     before = load_file(str(ws / "model.safetensors"))
     target = ContextShift()
-    result = train(_options(ws, out, "--max_train_steps", "30", "--save_every_n_steps", "10", "--save_state"),
+    result = train(_options(ws, out, "--max_train_steps", "12", "--save_every_n_steps", "4", "--save_state"),
                    target=target)
-    assert result.steps == 30
+    assert result.steps == 12
     # the trainer saved the target's own file on the model cadence, under the model names
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["toy-step00000010.safetensors",
-                                                                  "toy-step00000020.safetensors", "toy.safetensors"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["toy-step00000004.safetensors",
+                                                                  "toy-step00000008.safetensors", "toy.safetensors"]
     shift = load_file(str(out / "toy.safetensors"))["shift"]
     assert shift.abs().max() > 0.05
     # the frozen model did not move: every U-Net and text-encoder weight equals the file's
@@ -156,8 +156,8 @@ def test_a_target_from_outside_is_trained_saved_and_resumed_by_the_same_trainer(
     base, learned = _fixed_noise_loss(ws, torch.zeros_like(shift)), _fixed_noise_loss(ws, shift)
     assert learned < base * 0.995, (base, learned)
 
-    # resuming the step-20 state to 30 steps gives the uninterrupted run's shift, bit for bit
+    # resuming the step-8 state to 12 steps gives the uninterrupted run's shift, bit for bit
     resumed_out = tmp_path / "resumed"
-    train(_options(ws, resumed_out, "--max_train_steps", "30", "--resume", str(out / "toy-step00000020-state")),
+    train(_options(ws, resumed_out, "--max_train_steps", "12", "--resume", str(out / "toy-step00000008-state")),
           target=ContextShift())
     assert torch.equal(load_file(str(resumed_out / "toy.safetensors"))["shift"], shift)

@@ -1,7 +1,7 @@
 """The start-up guards of train/world.py: a launch whose processes would each train alone, a requested
 engine that does not run, and two trainings writing one output folder are all refused in one line.
 
-The launch tests run the real `accelerate launch` with two gloo processes (~15 s each)."""
+The launch tests run the real `accelerate launch` with two gloo processes (~15 s each; three launches)."""
 
 from __future__ import annotations
 
@@ -109,20 +109,26 @@ _PROBE = textwrap.dedent("""
     from sdtune.train import world
     from sdtune.train.options import TrainOptions
     from sdtune.train.setup import make_accelerator
-    mode, out = sys.argv[1], sys.argv[2]
+    mode, outs = sys.argv[1], sys.argv[2].split(os.pathsep)
     def say(line):  # one write per line: the two processes share the pipe
         os.write(1, (line + "\\n").encode())
-    opts = TrainOptions(pretrained_model_name_or_path="unused", output_dir=out, **json.loads(sys.argv[3]))
+    def options(out):
+        return TrainOptions(pretrained_model_name_or_path="unused", output_dir=out, **json.loads(sys.argv[3]))
     try:
         if mode == "plain":  # the sd-scripts way: no cpu=True
             from accelerate import Accelerator
             accelerator = Accelerator()
         else:
-            accelerator = make_accelerator(opts, print)
-        lock = world.start(accelerator, opts)
-        say(f"started: {world.describe(accelerator)}" + (" holding the lock" if lock and lock.held else ""))
+            accelerator = make_accelerator(options(outs[0]), print)
     except UserError as exc:
         say(f"refused: {exc.message}")
+        accelerator = None
+    for out in outs if accelerator else ():  # each started in turn, as one training each (a refusal keeps no state)
+        try:
+            lock = world.start(accelerator, options(out))
+            say(f"started: {world.describe(accelerator)}" + (" holding the lock" if lock and lock.held else ""))
+        except UserError as exc:
+            say(f"refused: {exc.message}")
     if mode == "engine":  # the request dropped on the way: accelerate runs plain data parallel
         from accelerate import Accelerator
         os.environ.pop("ACCELERATE_USE_FSDP")
@@ -141,14 +147,15 @@ _PROBE = textwrap.dedent("""
 
 
 
-def _launch(tmp_path: Path, port: int, mode: str, *launch_flags: str, options=None) -> str:
+def _launch(tmp_path: Path, port: int, mode: str, *launch_flags: str, options=None, outs=("out",)) -> str:
     script = tmp_path / "probe.py"
     script.write_text(_PROBE)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PYTHONUNBUFFERED": "1"}
     env.pop("ACCELERATE_USE_CPU", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_flags, "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "--num_cpu_threads_per_process", "1", str(script), mode, str(tmp_path / "out"), json.dumps(options or {})]
+           "--num_cpu_threads_per_process", "1", str(script), mode,
+           os.pathsep.join(str(tmp_path / out) for out in outs), json.dumps(options or {})]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     return proc.stdout + proc.stderr[-3000:]  # the tail of stderr explains a failed launch
 
@@ -175,26 +182,22 @@ def test_a_requested_engine_that_does_not_run_is_refused(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo launch is tested on Linux")
-def test_a_correct_launch_starts_locks_and_sets_the_ddp_options(tmp_path):
-    options = {"ddp_timeout": 7, "ddp_gradient_as_bucket_view": True, "ddp_static_graph": True}
-    out = _launch(tmp_path, 29563, "sdtune", "--multi_gpu", options=options)
-    started = sorted(line for line in out.splitlines() if line.startswith("started:"))
-    assert started == ["started: process 1/2 (machine 1/1, local 1/2): MULTI_CPU, backend gloo, device cpu:0 holding the lock",
-                       "started: process 2/2 (machine 1/1, local 2/2): MULTI_CPU, backend gloo, device cpu:0"], out
-    assert not (tmp_path / "out").exists()  # released at exit, and the folder it made (empty) removed
-    # sd-scripts' meanings: minutes for --ddp_timeout, DDP's own switches for the other two
-    assert out.count("ddp: static_graph=True gradient_as_bucket_view=True timeout=0:07:00") == 2, out
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(sys.platform == "win32", reason="gloo launch is tested on Linux")
-def test_a_locked_folder_stops_every_process_of_a_launch(tmp_path):
+def test_a_locked_folder_stops_every_process_and_a_free_one_starts_locks_and_sets_the_ddp_options(tmp_path):
+    """One launch (each costs three Python processes): its processes first start on a folder another
+    training holds, then on a free one, as two trainings launched one after the other would."""
     holder = _hold(tmp_path / "out")  # another training holds the folder
+    options = {"ddp_timeout": 7, "ddp_gradient_as_bucket_view": True, "ddp_static_graph": True}
     try:
-        out = _launch(tmp_path, 29564, "sdtune", "--multi_gpu")
+        out = _launch(tmp_path, 29563, "sdtune", "--multi_gpu", options=options, outs=("out", "free"))
     finally:
         holder.kill()
         holder.wait()
     assert out.count(f"refused: {tmp_path / 'out'}: another training is writing to this folder (process "
                      f"{holder.pid} on ") == 1, out
     assert out.count("refused: the main process stopped at start (its message is above)") == 1, out
+    started = sorted(line for line in out.splitlines() if line.startswith("started:"))
+    assert started == ["started: process 1/2 (machine 1/1, local 1/2): MULTI_CPU, backend gloo, device cpu:0 holding the lock",
+                       "started: process 2/2 (machine 1/1, local 2/2): MULTI_CPU, backend gloo, device cpu:0"], out
+    assert not (tmp_path / "free").exists()  # released at exit, and the folder it made (empty) removed
+    # sd-scripts' meanings: minutes for --ddp_timeout, DDP's own switches for the other two
+    assert out.count("ddp: static_graph=True gradient_as_bucket_view=True timeout=0:07:00") == 2, out
