@@ -156,7 +156,7 @@ def _sdscripts_environment(request):
 # The modules that take longest (worker-seconds on a quiet machine, longest first): under pytest-xdist
 # they are run first, so that the short tests fill in at the end and no worker waits alone on a long
 # run (with `--dist worksteal` an idle worker takes over the other's not yet started tests).
-_LONGEST_FIRST = ("test_compiled.py", "test_golden_run.py", "test_multinode.py", "test_fused_backward.py",
+_LONGEST_FIRST = ("test_deepspeed.py", "test_compiled.py", "test_golden_run.py", "test_multinode.py", "test_fused_backward.py",
                   "test_world.py", "test_kill_during_save.py", "test_demo.py", "test_hypernetwork_training.py",
                   "test_train_multiprocess.py", "test_file_modes.py", "test_legacy_workflow.py", "test_memory_count.py",
                   "test_zero.py", "test_lr_schedules.py")
