@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def sdtune_seconds(root: Path, steps: int, batch: int, resolution: int) -> float:
+def sdtune_seconds(root: Path, steps: int, batch: int, resolution: int, extra: tuple[str, ...] = ()) -> float:
     from sdtune.cli import build_parser
     from sdtune.console import quiet_libraries
     from sdtune.train.command import options_from_args
@@ -35,7 +35,7 @@ def sdtune_seconds(root: Path, steps: int, batch: int, resolution: int) -> float
         "train", "--pretrained_model_name_or_path", str(root / "model"), "--in_json", str(root / "meta.json"),
         "--train_data_dir", str(root / "data"), "--output_dir", str(root / "out"), "--resolution", str(resolution),
         "--train_batch_size", str(batch), "--max_train_steps", str(steps), "--learning_rate", "1e-4",
-        "--cache_latents", "--max_data_loader_n_workers", "0", "--save_model_as", "diffusers"])
+        "--cache_latents", "--max_data_loader_n_workers", "0", "--save_model_as", "diffusers", *extra])
     opts = options_from_args(args)
     started = time.perf_counter()
     train(opts)
