@@ -164,3 +164,29 @@ def test_a_deepspeed_state_is_checked_for_its_own_files(tmp_path):
     (tmp_path / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(UserError, match="damaged training state: zero_pp_rank_1"):
         check_state_files(tmp_path)
+
+
+def test_nvme_offload_and_fp16_master_weights_reach_deepspeeds_config(monkeypatch):
+    """What cannot run here (NVMe offload needs DeepSpeed's aio op, fp16 a GPU) still reaches the
+    config DeepSpeed is given, with sd-scripts' meanings."""
+    pytest.importorskip("deepspeed")
+    from sdtune.train import zero
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(zero, "_cuda", lambda: True)  # as on a GPU machine: fp16 is DeepSpeed's to run
+    ds = DeepSpeedOptions(deepspeed=True, zero_stage=3, offload_optimizer_device="nvme",
+                          offload_optimizer_nvme_path="/nvme/opt", offload_param_device="nvme",
+                          offload_param_nvme_path="/nvme/par")
+    config = deepspeed_plugin(ds, train_batch_size=1, gradient_accumulation_steps=1, max_grad_norm=1.0,
+                              mixed_precision="fp16", world_size=1).deepspeed_config
+    zero_opt = config["zero_optimization"]
+    assert (zero_opt["offload_optimizer"]["device"], zero_opt["offload_optimizer"]["nvme_path"]) == ("nvme", "/nvme/opt")
+    assert (zero_opt["offload_param"]["device"], zero_opt["offload_param"]["nvme_path"]) == ("nvme", "/nvme/par")
+    assert config["fp16"]["enabled"] is True and config["fp16"]["initial_scale_power"] == 0
+    assert "fp16_master_weights_and_grads" not in config["fp16"]
+
+    ds = DeepSpeedOptions(deepspeed=True, zero_stage=2, offload_optimizer_device="cpu",
+                          fp16_master_weights_and_gradients=True)
+    config = deepspeed_plugin(ds, train_batch_size=1, gradient_accumulation_steps=1, max_grad_norm=1.0,
+                              mixed_precision="fp16", world_size=1).deepspeed_config
+    assert config["fp16"]["fp16_master_weights_and_grads"] is True
