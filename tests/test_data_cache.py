@@ -195,3 +195,8 @@ def test_ranks_encode_their_shares_and_the_merge_is_the_whole_cache(data, vae, t
     assert (merged.encoded, merged.reused) == (5, 0)
     assert [s.path for s in merged.plan.active] == [s.path for s in single.plan.active]
     assert [p for p, _ in merged.plan.skipped] == [str(bad)] == [p for p, _ in single.plan.skipped]
+
+    # machine-local copies: an entry another process wrote is not here, so this process cannot use the merge
+    assert LatentCache.shares_visible([s.share() for s in shares])
+    os.remove(next(iter(shares[1].paths.values())))
+    assert not LatentCache.shares_visible([s.share() for s in shares])

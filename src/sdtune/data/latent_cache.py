@@ -210,6 +210,12 @@ class LatentCache:
         """What one process of a sharded encoding found, small enough to send to the others."""
         return {"paths": self.paths, "failures": self.failures, "reused": self.reused, "encoded": self.encoded}
 
+    @staticmethod
+    def shares_visible(shares: list[dict[str, Any]]) -> bool:
+        """Whether this process sees the entries the others wrote (storage every machine shares), judged
+        by one entry of each share; on machine-local copies of the cache it does not."""
+        return all(os.path.exists(next(iter(share["paths"].values()))) for share in shares if share["paths"])
+
     @classmethod
     def from_shares(cls, plan: DatasetPlan, shares: list[dict[str, Any]], dtype: str) -> LatentCache:
         """The whole cache from every process's `share()`: no process reads another's entries."""

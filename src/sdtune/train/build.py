@@ -167,7 +167,7 @@ def load_data(run: RunContext) -> DataParts:
 
 def _latent_cache(run: RunContext, plan, vae, device, shard: bool):
     """The latent cache; with `shard` each process checks and encodes only its share of the entries
-    (on shared storage) and the processes exchange where their entries are, so none reads the
+    and the processes exchange where their entries are, so that on shared storage none reads the
     others' files."""
     from sdtune.data.latent_cache import LatentCache, ensure_latent_cache
     from sdtune.train.weights import raise_together
@@ -183,7 +183,11 @@ def _latent_cache(run: RunContext, plan, vae, device, shard: bool):
     raise_together(failure, run.accelerator)
     from accelerate.utils import gather_object
 
-    return LatentCache.from_shares(plan, gather_object([mine.share()]), mine.dtype)
+    shares = gather_object([mine.share()])
+    if LatentCache.shares_visible(shares):
+        return LatentCache.from_shares(plan, shares, mine.dtype)
+    # machine-local copies of the cache: each machine encodes, for itself, what the others wrote elsewhere
+    return ensure_latent_cache(plan, vae, device=device, progress=run.main, log=run.note)
 
 
 def build_text(run: RunContext, data: DataParts, target) -> TextParts:
