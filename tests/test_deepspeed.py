@@ -103,8 +103,9 @@ def test_zero3_offloaded_trains_validates_samples_saves_and_resumes(workspace, r
     import torch
     from diffusers import UNet2DConditionModel
 
+    # sd-scripts' ZeRO-3 command lines carry --zero3_save_16bit_model (it cannot save without): accepted
     out = _launch(run_in_session, workspace, 29664, "z3", "--deepspeed", "--zero_stage=3",
-                  "--offload_optimizer_device=cpu")
+                  "--offload_optimizer_device=cpu", "--zero3_save_16bit_model")
     assert out.count(": DEEPSPEED, backend gloo") == 2, out
     z3 = workspace / "z3"
     # Adam divides by the gradients' own size, so the last bits of tiny gradients, summed in another

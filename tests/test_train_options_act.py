@@ -188,13 +188,13 @@ ELSEWHERE = {
     # DeepSpeed: trained under it with two processes; what needs a GPU or NVMe reaches its config
     **{k: "tests/test_deepspeed.py::test_zero2_trains_like_data_parallel_and_resumes" for k in (
         "deepspeed", "zero_stage")},
-    "offload_optimizer_device": "tests/test_deepspeed.py::test_zero3_offloaded_trains_validates_samples_saves_and_resumes",
+    **{k: "tests/test_deepspeed.py::test_zero3_offloaded_trains_validates_samples_saves_and_resumes" for k in (
+        "offload_optimizer_device", "zero3_save_16bit_model")},
     **{k: "tests/test_zero.py::test_nvme_offload_and_fp16_master_weights_reach_deepspeeds_config" for k in (
         "offload_param_device", "offload_optimizer_nvme_path", "offload_param_nvme_path",
         "fp16_master_weights_and_gradients")},
-    # refused with their reasons (sdtune loads the model whole; it always gathers full weights to save)
-    **{k: "tests/test_zero.py::test_options_that_cannot_act_under_deepspeed_are_refused" for k in (
-        "zero3_init_flag", "zero3_save_16bit_model")},
+    # refused with its reason (sdtune loads the model whole)
+    "zero3_init_flag": "tests/test_zero.py::test_options_that_cannot_act_under_deepspeed_are_refused",
 }
 
 # options that cannot behave differently on a CPU-only machine, and why

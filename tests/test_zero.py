@@ -129,7 +129,6 @@ def test_the_options_are_sd_scripts_deepspeed_flags_and_train_options():
 
 @pytest.mark.parametrize("given, message", [
     ({"zero3_init_flag": True, "zero_stage": 3}, "--zero3_init_flag: sdtune loads the model whole"),
-    ({"zero3_save_16bit_model": True, "zero_stage": 3}, "--zero3_save_16bit_model: sdtune always gathers"),
     ({"fused_backward_pass": True}, "--fused_backward_pass: does not work under DeepSpeed"),
     ({"full_bf16": True, "mixed_precision": "bf16"}, "--full_bf16: does not work under DeepSpeed"),
     ({"ema": True, "zero_stage": 3}, "--ema: does not work under DeepSpeed: under ZeRO-3"),
@@ -141,7 +140,7 @@ def test_options_that_cannot_act_under_deepspeed_are_refused(given, message):
 
     with pytest.raises(UserError, match=message):
         TrainOptions(pretrained_model_name_or_path="m", output_dir="o", deepspeed=True, **given)
-    given.pop("zero3_init_flag", None), given.pop("zero3_save_16bit_model", None)
+    given.pop("zero3_init_flag", None)
     if "zero_stage" not in given and "offload_optimizer_device" not in given:
         TrainOptions(pretrained_model_name_or_path="m", output_dir="o", **given)  # accepted without DeepSpeed
 

@@ -40,7 +40,11 @@ class DeepSpeedOptions(Options):
                                                 metavar="DIR")
     zero3_init_flag: bool = Field(False, "ZeRO-3: build the trained model already sharded (deepspeed.zero.Init)",
                                   group=G_DS)
-    zero3_save_16bit_model: bool = Field(False, "ZeRO-3: gather a 16-bit model when saving", group=G_DS)
+    # sd-scripts needs it to save under ZeRO-3 at all; sdtune always gathers the full weights (in the
+    # precision they train in, which is what DeepSpeed's "16-bit" gathering means), so command lines
+    # that carry it run unchanged
+    zero3_save_16bit_model: bool = Field(False, "ZeRO-3: gather the full model (in its training precision) when "
+                                                "saving; sdtune always does", group=G_DS)
     fp16_master_weights_and_gradients: bool = Field(
         False, "fp16 master weights and gradients, float32 optimizer state (ZeRO-2 with CPU optimizer offload only)",
         group=G_DS)
@@ -73,10 +77,6 @@ class DeepSpeedOptions(Options):
             raise UserError("sdtune loads the model whole and shards it when training starts; building it already "
                             "sharded is not supported (it saves memory only while loading)", where="--zero3_init_flag",
                             fix="Drop it; --offload_param_device cpu keeps the sharded weights in CPU memory.")
-        if self.zero3_save_16bit_model:
-            raise UserError("sdtune always gathers the full weights when saving under ZeRO-3 (in the precision they "
-                            "train in), so the flag has nothing to switch on", where="--zero3_save_16bit_model",
-                            fix="Drop it; --save_precision fp16 or bf16 writes a 16-bit file.")
         return self
 
 
