@@ -1,7 +1,5 @@
 """The first training path, end to end, through the real command line."""
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +8,6 @@ import torch
 from sdtune.cli import main
 
 pytestmark = pytest.mark.slow  # trains or runs subprocesses: left out of `make test-fast`
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +44,3 @@ def test_train_writes_a_changed_model(workspace, fmt, tmp_path):
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) > 0.9 * len(before), f"only {len(changed)} of {len(before)} tensors changed"
-
-
-def test_fine_tune_py_under_accelerate_launch(workspace, tmp_path, run_in_session):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-           str(REPO / "fine_tune.py"), f"--pretrained_model_name_or_path={workspace / 'model'}",
-           "--in_json", str(workspace / "meta.json"), f"--train_data_dir={workspace / 'data'}",
-           f"--output_dir={tmp_path / 'fine_tuned'}", "--train_batch_size=1", "--learning_rate=5e-6",
-           "--max_train_steps=2", "--resolution=64", "--save_model_as=diffusers"]
-    result = run_in_session(cmd, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "fine_tuned" / "last" / "unet").is_dir()

@@ -325,6 +325,7 @@ def test_documented_command_line_with_dataset_config(ws, tmp_path, capsys, initi
 
 
 def test_documented_legacy_command_line_under_accelerate_launch(ws, tmp_path, run_in_session):
+    # the suite's one single-process `accelerate launch fine_tune.py`, as the documents show it:
     # verbatim but for paths and steps; --config_file supplies the resolution, since the sd-scripts
     # line relies on the model's 512 px default, which is far too slow for a test
     (tmp_path / "cfg.toml").write_text('[dataset]\nresolution = "64"\n')
