@@ -70,3 +70,50 @@ def test_bfloat16_would_differ():
     _train(a, torch.optim.AdamW(a, foreach=False, **KWARGS))
     _train(b, torch.optim.AdamW(b, foreach=True, **KWARGS))
     assert not all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+ROUND_SCRIPT = """
+import ctypes, json, resource, sys
+from sdtune.train.cpu_speed import keep_freed_memory
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+tuned = keep_freed_memory() if sys.argv[1] == "tuned" else None
+size, blocks, faults = 1 << 20, 40, []
+for _ in range(3):  # one training step's worth of 1 MB tensors, written, then all freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ptrs = [libc.malloc(size) for _ in range(blocks)]
+    for p in ptrs:
+        ctypes.memset(p, 1, size)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    for p in ptrs:
+        libc.free(p)
+print(json.dumps({"tuned": tuned, "faults": faults}))
+"""
+
+
+def _fault_rounds(mode):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", ROUND_SCRIPT, mode], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout)
+
+
+def test_freed_memory_is_reused_without_page_faults():
+    """The same 40 MB allocated again after a free: glibc by default returns it to the kernel, so every
+    round touches fresh pages (a page fault per 4 KB page); with keep_freed_memory the third round
+    reuses the second's pages."""
+    import os
+
+    if not hasattr(os, "confstr") or not os.confstr("CS_GNU_LIBC_VERSION"):
+        pytest.skip("glibc only")
+    pages = 40 * (1 << 20) // os.sysconf("SC_PAGE_SIZE")
+    plain = _fault_rounds("plain")
+    tuned = _fault_rounds("tuned")
+    assert tuned["tuned"] is True
+    assert plain["faults"][2] > pages // 2  # the problem: each round faults its pages in again
+    assert tuned["faults"][2] < pages // 20

@@ -208,3 +208,23 @@ def test_random_unicode_captions_match_an_independent_bpe(chunkers):
         ids, _ = chunkers[family].content(captions)
         for caption, got in zip(captions, ids):
             assert got == ref(caption), repr(caption)
+
+
+def test_the_tokenizers_own_plain_bpe_is_shared():
+    """The content BPE shares the fast tokenizer's model when it is CLIP's plain one (no copy of the
+    table through JSON at every start), and builds its own when the model differs."""
+    from sdtune.text.clean import _own_plain_bpe
+
+    tok = CLIPTokenizer.from_pretrained(FAMILIES["sd1"].asset_dir / "tokenizer")
+    settings = dict(continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False, unk_token=tok.unk_token)
+    assert _own_plain_bpe(tok, settings) is not None
+    tok.backend_tokenizer.model.dropout = 0.5  # a BPE that would split words at random
+    assert _own_plain_bpe(tok, settings) is None
+    ids, _ = _chunker_of(tok, "sd1").content(["a photo of a cat"])  # the copy it builds instead is not random
+    assert ids == [KNOWN["a photo of a cat"][1:-1]]
+
+
+def _chunker_of(tok, family):
+    from sdtune.text.tokens import ChunkedTokenizer
+
+    return ChunkedTokenizer(tok, FAMILIES[family])

@@ -366,6 +366,8 @@ class Trainer:
         optimizer = optim.build_optimizer(opts.effective_optimizer, groups, opts.learning_rate, opts.optimizer_args,
                                           note=run.note)
         cpu_speed.prefer_foreach_on_cpu(optimizer)
+        if run.device.type == "cpu":
+            cpu_speed.keep_freed_memory()
         if opts.full_bf16:  # the same rounding draws on every process keeps the replicas identical
             rounding = torch.Generator(run.device).manual_seed(seeds.derive(run.seed, seeds.BF16_ROUNDING))
             optim.add_bf16_stochastic_rounding(optimizer, rounding)
