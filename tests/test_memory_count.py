@@ -52,17 +52,19 @@ def _count(fake: bool, opts: StepOptions, optimizers: list[str]) -> dict:
     torch.manual_seed(0)
     if not fake:
         return count_training_step(micro_unet(), opts, optimizers, context_dim=8, context_len=7,
-                                   chunking={"chunk_elements": 256})
+                                   chunking={"chunk_elements": 1024})
     with FakeTensorMode():
         return count_training_step(micro_unet(), opts, optimizers, context_dim=8, context_len=7,
-                                   chunking={"chunk_elements": 256})
+                                   chunking={"chunk_elements": 1024})
 
 
-@pytest.mark.slow  # three small U-Net steps, real and fake: ~35 s
+# each optimizer once, each precision once: every further (optimizer, precision) pair costs ~10 s of
+# fake-tensor dispatch and checks the same counting code again
+@pytest.mark.slow  # three small U-Net steps, real and fake: ~30 s
 @pytest.mark.parametrize("opts,optimizers", [
-    (StepOptions("fp32", resolution=64), ["AdamW", "Adafactor"]),
+    (StepOptions("fp32", resolution=64), ["Adafactor"]),
     (StepOptions("bf16_ckpt", mixed_precision="bf16", gradient_checkpointing=True, resolution=64), ["AdamW8bit"]),
-    (StepOptions("full_bf16", mixed_precision="bf16", full_bf16=True, resolution=64), ["AdamW", "Adafactor"]),
+    (StepOptions("full_bf16", mixed_precision="bf16", full_bf16=True, resolution=64), ["AdamW"]),
 ])
 def test_fake_count_equals_real_count(opts, optimizers):
     real = _count(False, opts, optimizers)
