@@ -1,0 +1,273 @@
+"""FSDP2: the launch checks, and sdtune's weight seam on really sharded weights.
+
+accelerate runs FSDP on GPUs only, so the sharded run here is one spawned pair of CPU processes over
+gloo whose accelerate state is switched to FSDP2 after start (accelerate's own FSDP2 preparation,
+`fully_shard` and its sharded checkpointing then run as they would on GPUs). It trains the tiny
+U-Net with full shard and with shard-grad-op and checks it against the same U-Net trained unsharded
+in one process: the weights after each step, the checkpoint sdtune's saver writes, a forward pass on
+the main process alone, and resuming from a sharded state folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import traceback
+
+import pytest
+
+from sdtune.errors import UserError
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo processes are tested on Linux")
+
+BATCH_SEED = 7
+LR = 0.05
+
+
+def _options(**kw):
+    from sdtune.train.options import TrainOptions
+
+    return TrainOptions(pretrained_model_name_or_path="unused", output_dir="out", **kw)
+
+
+# ------------------------------------------------------------------ the launch
+
+
+def test_fsdp_without_a_gpu_is_refused_before_accelerate_starts():
+    from sdtune.train.fsdp import check_launch
+
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    with pytest.raises(UserError, match="accelerate runs FSDP on CUDA GPUs only and this machine has none"):
+        check_launch(_options(), env, cuda=False)
+
+
+def test_fsdp1_is_refused_with_the_flag_that_selects_fsdp2():
+    from sdtune.train.fsdp import check_launch
+
+    for env in ({"ACCELERATE_USE_FSDP": "true"}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}):
+        with pytest.raises(UserError) as caught:
+            check_launch(_options(), env, cuda=True)
+        assert "selects FSDP version 1" in caught.value.message
+        assert "--fsdp_version 2" in str(caught.value)
+    check_launch(_options(), {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, cuda=True)
+
+
+@pytest.mark.parametrize("flags, where", [
+    ({"ema": True}, "--ema"),
+    ({"fused_backward_pass": True}, "--fused_backward_pass"),
+    ({"full_bf16": True, "mixed_precision": "bf16"}, "--full_bf16"),
+    ({"optimizer_type": "AdamW8bit"}, "--optimizer_type"),
+    ({"optimizer_type": "AdamWScheduleFree"}, "--optimizer_type"),
+    ({"torch_compile": True}, "--torch_compile"),
+])
+def test_options_that_cannot_act_on_sharded_weights_are_refused(flags, where):
+    from sdtune.train.fsdp import check_launch
+
+    with pytest.raises(UserError) as caught:
+        check_launch(_options(**flags), {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, cuda=True)
+    assert caught.value.where == where and "does not work under FSDP" in caught.value.message
+
+
+# ------------------------------------------------------------------ a sharded world of two processes
+
+
+def _optimizer(params):
+    """SGD with momentum: its step is proportional to the gradient, so a gradient averaged wrongly over
+    the processes shows (Adam's would hide a scale), and its momentum is state that a resume must restore."""
+    import torch
+
+    return torch.optim.SGD(params, lr=LR, momentum=0.9)
+
+
+def _batch(unet, step: int):
+    """The global batch of `step` (two samples): latents, timesteps, text states, noise target."""
+    import torch
+
+    gen = torch.Generator().manual_seed(BATCH_SEED + step)
+    cfg = unet.config
+    size = cfg.sample_size
+    x = torch.randn(2, cfg.in_channels, size, size, generator=gen)
+    t = torch.randint(0, 1000, (2,), generator=gen)
+    text = torch.randn(2, 5, cfg.cross_attention_dim, generator=gen)
+    target = torch.randn(2, cfg.out_channels, size, size, generator=gen)
+    return x, t, text, target
+
+
+def _loss(unet, x, t, text, target):
+    import torch
+
+    return torch.nn.functional.mse_loss(unet(x, t, encoder_hidden_states=text).sample, target)
+
+
+class Reference:
+    """The U-Net trained on the whole batch in one process, with plain torch: the independent side."""
+
+    def __init__(self, unet):
+
+        self.unet = copy.deepcopy(unet).train()
+        self.optimizer = _optimizer(self.unet.parameters())
+
+    def step(self, step: int) -> float:
+        import torch
+
+        loss = _loss(self.unet, *_batch(self.unet, step))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def weights(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+
+
+def _sharded_run(accelerator, reshard: bool, tmp, rank: int, resume: bool) -> None:
+    import torch
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor
+
+    from sdtune.testing import build_tiny_model
+    from sdtune.train import state
+    from sdtune.train.setup import save_trained
+    from sdtune.train.target import FullFineTune
+    from sdtune.train.weights import Weights
+
+    # the switch accelerate makes only on GPUs: its FSDP2 plugin, from the settings a launch passes
+    # (transformer-based wrapping: the U-Net's blocks become FSDP units of their own, so that
+    # full shard and shard-grad-op differ)
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, reshard_after_forward=reshard, auto_wrap_policy="TRANSFORMER_BASED_WRAP")
+    PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP  # both: one copies the other
+    accelerator._models.clear()
+    model = build_tiny_model("sd1", seed=0)
+    reference = Reference(model.unet)
+    weights = Weights(accelerator)
+    target = FullFineTune(_options())
+    target.place(model, device=accelerator.device, compute_dtype=torch.float32, note=lambda *a: None)
+    optimizer = _optimizer(target.unet.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    unet, optimizer, schedule = weights.prepare(target.unet, optimizer, schedule)
+    target.adopt([unet])
+    units = [type(m).__name__ for m in weights.engine.modules() if type(m).__name__.startswith("FSDP")]
+    assert "FSDPBasicTransformerBlock" in units and "FSDPResnetBlock2D" in units, units
+    params = [p for p in unet.parameters()]
+    assert all(isinstance(p, DTensor) for p in params)
+    held = sum(p.to_local().numel() for p in params)
+    assert held < 0.6 * sum(p.numel() for p in params)  # each process holds about half
+
+    def step(n: int) -> float:
+        x, t, text, noise = _batch(unet, n)
+        share = slice(rank, rank + 1)  # each process its half of the global batch
+        with torch.enable_grad():
+            accelerator.backward(_loss(unet, x[share], t[share], text[share], noise[share]))
+        norm = accelerator.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def full_weights() -> dict:
+        with weights.full(target.unet) as whole:
+            return {k: v.detach().clone() for k, v in whole.state_dict().items()}
+
+    def assert_matches(mine: dict, theirs: dict, atol=2e-6) -> None:
+        assert mine.keys() == theirs.keys()
+        for key in theirs:
+            assert type(mine[key]) is torch.Tensor, key  # plain, whole tensors: an ordinary checkpoint
+            torch.testing.assert_close(mine[key], theirs[key], atol=atol, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+
+    for n in range(2):
+        norm = step(n)
+        assert abs(norm - reference.step(n)) < 1e-4 * max(1.0, norm)
+    with pytest.raises(RuntimeError, match="inside Weights.gathered"):
+        weights.full(target.unet).__enter__()
+    # the main process alone: the full weights, a forward pass (validation, samples) and a save
+    x, t, text, _ = _batch(unet, 99)
+
+    def on_main():
+        assert_matches(full_weights(), reference.weights())
+        with torch.no_grad(), weights.full(target.unet) as whole:
+            torch.testing.assert_close(whole(x, t, encoder_hidden_states=text).sample,
+                                       reference.unet(x, t, encoder_hidden_states=text).sample, atol=1e-5, rtol=1e-4)
+        target.save(lambda stem: tmp / f"{stem}.safetensors", "fsdp", step=2, weights=weights, metadata={})
+        save_trained(_replace(model, reference.unet), tmp / "reference.safetensors", fmt="safetensors",
+                     precision="float", metadata={})
+        saved, expected = load_file(tmp / "fsdp.safetensors"), load_file(tmp / "reference.safetensors")
+        assert_matches(saved, expected)
+        return len(saved)
+
+    saved = weights.on_main(on_main)
+    assert saved > 0 if rank == 0 else saved is None  # the work ran on the main process only
+    # training goes on, sharded again, as if the main process had not gathered anything
+    assert all(isinstance(p, DTensor) for p in unet.parameters())
+    reference.step(2)
+    step(2)
+    sums = weights.checksums([target.unet])
+    assert sums[0] == sums[1]
+    if not resume:
+        weights.on_main(lambda: assert_matches(full_weights(), reference.weights(), atol=5e-6))
+        return
+    # a sharded training state: written by every process, checked and loaded by sdtune's state code
+    folder = tmp / "state"
+    state.save_state(accelerator, folder, state.Position(global_step=3), {})
+    after_three = weights.on_main(full_weights)
+    reference.step(3)
+    step(3)
+    after_four = weights.on_main(full_weights)
+    position = state.load_state(accelerator, folder)
+    assert position.global_step == 3
+    if rank == 0:
+        assert_matches(weights.on_main(full_weights), after_three, atol=0)
+    else:
+        weights.on_main(full_weights)
+    step(3)  # the optimizer's moments came back too: the same step gives the same weights
+    if rank == 0:
+        assert_matches(weights.on_main(full_weights), after_four, atol=0)
+        assert_matches(after_four, reference.weights(), atol=5e-6)
+    else:
+        weights.on_main(full_weights)
+
+
+def _replace(model, unet):
+    import dataclasses
+
+    return dataclasses.replace(model, unet=unet)
+
+
+def _world(rank: int, init: str, tmp: str) -> None:
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)  # joins the group made above (accelerate's MULTI_CPU)
+    assert accelerator.num_processes == 2
+    try:
+        for reshard, resume in ((True, True), (False, False)):  # full shard, then shard-grad-op
+            folder = Path(tmp) / ("full_shard" if reshard else "shard_grad_op")
+            folder.mkdir(exist_ok=True)
+            _sharded_run(accelerator, reshard, folder, rank, resume)
+    except BaseException:
+        # the main process's failure is the telling one, yet another process may stop first
+        (Path(tmp) / f"failure-{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_training_saves_samples_and_resumes_like_an_unsharded_run(tmp_path):
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(_world, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessRaisedException:
+        failures = sorted(tmp_path.glob("failure-*.txt"))
+        pytest.fail("\n".join(f.read_text() for f in failures), pytrace=False)
