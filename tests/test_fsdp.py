@@ -81,7 +81,7 @@ def _optimizer(params):
 
 
 def _batch(unet, step: int):
-    """The global batch of `step` (two samples): latents, timesteps, text states, noise target."""
+    """The global batch of `step` (two samples): latents, timesteps, token ids, noise target."""
     import torch
 
     gen = torch.Generator().manual_seed(BATCH_SEED + step)
@@ -89,31 +89,30 @@ def _batch(unet, step: int):
     size = cfg.sample_size
     x = torch.randn(2, cfg.in_channels, size, size, generator=gen)
     t = torch.randint(0, 1000, (2,), generator=gen)
-    text = torch.randn(2, 5, cfg.cross_attention_dim, generator=gen)
+    ids = torch.randint(0, 1000, (2, 6), generator=gen)
     target = torch.randn(2, cfg.out_channels, size, size, generator=gen)
-    return x, t, text, target
+    return x, t, ids, target
 
 
-def _loss(unet, x, t, text, target):
-    import torch
-
-    return torch.nn.functional.mse_loss(unet(x, t, encoder_hidden_states=text).sample, target)
+def _predict(unet, encoder, x, t, ids):
+    return unet(x, t, encoder_hidden_states=encoder(ids).last_hidden_state).sample
 
 
 class Reference:
-    """The U-Net trained on the whole batch in one process, with plain torch: the independent side."""
+    """The model trained on the whole batch in one process, with plain torch: the independent side."""
 
-    def __init__(self, unet):
-
-        self.unet = copy.deepcopy(unet).train()
-        self.optimizer = _optimizer(self.unet.parameters())
+    def __init__(self, model, train_te: bool):
+        self.unet, self.encoder = copy.deepcopy(model.unet).train(), copy.deepcopy(model.text_encoder).train(train_te)
+        self.params = [*self.unet.parameters(), *(self.encoder.parameters() if train_te else ())]
+        self.encoder.requires_grad_(train_te)
+        self.optimizer = _optimizer(self.params)
 
     def step(self, step: int) -> float:
         import torch
 
-        loss = _loss(self.unet, *_batch(self.unet, step))
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        x, t, ids, target = _batch(self.unet, step)
+        torch.nn.functional.mse_loss(_predict(self.unet, self.encoder, x, t, ids), target).backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -122,7 +121,9 @@ class Reference:
         return {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
 
 
-def _sharded_run(accelerator, reshard: bool, tmp, rank: int, resume: bool) -> None:
+def _sharded_run(accelerator, reshard: bool, tmp, rank: int, train_te: bool) -> None:
+    """Full shard (`reshard`) checks everything and resumes; shard-grad-op trains the text encoder
+    too (two modules in one sharded module) and checks the steps and the whole weights."""
     import torch
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -140,34 +141,38 @@ def _sharded_run(accelerator, reshard: bool, tmp, rank: int, resume: bool) -> No
     # full shard and shard-grad-op differ)
     accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, reshard_after_forward=reshard, auto_wrap_policy="TRANSFORMER_BASED_WRAP")
-    PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP  # both: one copies the other
+    PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP  # one copies the other
     accelerator._models.clear()
     model = build_tiny_model("sd1", seed=0)
-    reference = Reference(model.unet)
+    reference = Reference(model, train_te) if rank == 0 else None
     weights = Weights(accelerator)
-    target = FullFineTune(_options())
+    target = FullFineTune(_options(train_text_encoder=train_te))
     target.place(model, device=accelerator.device, compute_dtype=torch.float32, note=lambda *a: None)
-    optimizer = _optimizer(target.unet.parameters())
+    optimizer = _optimizer([p for m in target.modules() for p in m.parameters()])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    unet, optimizer, schedule = weights.prepare(target.unet, optimizer, schedule)
-    target.adopt([unet])
-    units = [type(m).__name__ for m in weights.engine.modules() if type(m).__name__.startswith("FSDP")]
-    assert "FSDPBasicTransformerBlock" in units and "FSDPResnetBlock2D" in units, units
-    params = [p for p in unet.parameters()]
+    *modules, optimizer, schedule = weights.prepare(*target.modules(), optimizer, schedule)
+    target.adopt(modules)
+    units = {type(m).__name__ for m in weights.engine.modules() if type(m).__name__.startswith("FSDP")}
+    assert {"FSDPBasicTransformerBlock", "FSDPResnetBlock2D"} <= units, units
+    assert ("FSDPCLIPEncoderLayer" in units) == train_te, units
+    params = [p for m in modules for p in m.parameters()]
     assert all(isinstance(p, DTensor) for p in params)
-    held = sum(p.to_local().numel() for p in params)
-    assert held < 0.6 * sum(p.numel() for p in params)  # each process holds about half
+    assert sum(p.to_local().numel() for p in params) < 0.6 * sum(p.numel() for p in params)  # about half each
+    encoder = target.text_encoder
 
-    def step(n: int) -> float:
-        x, t, text, noise = _batch(unet, n)
+    def step(n: int, compare: bool = True) -> None:
+        x, t, ids, noise = _batch(model.unet, n)
         share = slice(rank, rank + 1)  # each process its half of the global batch
         with torch.enable_grad():
-            accelerator.backward(_loss(unet, x[share], t[share], text[share], noise[share]))
-        norm = accelerator.clip_grad_norm_(params, 1.0)
+            loss = torch.nn.functional.mse_loss(_predict(target.unet, encoder, x[share], t[share], ids[share]),
+                                                noise[share])
+            accelerator.backward(loss)
+        norm = float(accelerator.clip_grad_norm_(params, 1.0))
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        if reference is not None and compare:
+            assert abs(norm - reference.step(n)) < 1e-5 * norm
 
     def full_weights() -> dict:
         with weights.full(target.unet) as whole:
@@ -177,58 +182,49 @@ def _sharded_run(accelerator, reshard: bool, tmp, rank: int, resume: bool) -> No
         assert mine.keys() == theirs.keys()
         for key in theirs:
             assert type(mine[key]) is torch.Tensor, key  # plain, whole tensors: an ordinary checkpoint
-            torch.testing.assert_close(mine[key], theirs[key], atol=atol, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+            torch.testing.assert_close(mine[key], theirs[key], atol=atol, rtol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
 
-    for n in range(2):
-        norm = step(n)
-        assert abs(norm - reference.step(n)) < 1e-4 * max(1.0, norm)
+    step(0)
+    step(1)
     with pytest.raises(RuntimeError, match="inside Weights.gathered"):
         weights.full(target.unet).__enter__()
-    # the main process alone: the full weights, a forward pass (validation, samples) and a save
-    x, t, text, _ = _batch(unet, 99)
+    x, t, ids, _ = _batch(model.unet, 99)
 
-    def on_main():
-        assert_matches(full_weights(), reference.weights())
-        with torch.no_grad(), weights.full(target.unet) as whole:
-            torch.testing.assert_close(whole(x, t, encoder_hidden_states=text).sample,
-                                       reference.unet(x, t, encoder_hidden_states=text).sample, atol=1e-5, rtol=1e-4)
+    def on_main():  # the main process alone: the whole weights, a forward pass (validation, samples), a save
+        whole = full_weights()
+        assert_matches(whole, reference.weights())
+        with torch.no_grad(), target.eval_view(weights) as (unet, trained_encoder):
+            assert (trained_encoder is not None) == train_te
+            torch.testing.assert_close(_predict(unet, trained_encoder or encoder, x, t, ids),
+                                       _predict(reference.unet, reference.encoder, x, t, ids), atol=1e-5, rtol=1e-4)
+        if train_te:
+            return whole
         target.save(lambda stem: tmp / f"{stem}.safetensors", "fsdp", step=2, weights=weights, metadata={})
         save_trained(_replace(model, reference.unet), tmp / "reference.safetensors", fmt="safetensors",
                      precision="float", metadata={})
-        saved, expected = load_file(tmp / "fsdp.safetensors"), load_file(tmp / "reference.safetensors")
-        assert_matches(saved, expected)
-        return len(saved)
+        assert_matches(load_file(tmp / "fsdp.safetensors"), load_file(tmp / "reference.safetensors"))
+        return whole
 
-    saved = weights.on_main(on_main)
-    assert saved > 0 if rank == 0 else saved is None  # the work ran on the main process only
-    # training goes on, sharded again, as if the main process had not gathered anything
-    assert all(isinstance(p, DTensor) for p in unet.parameters())
-    reference.step(2)
-    step(2)
+    after_two = weights.on_main(on_main)
+    assert (after_two is None) == (rank != 0)  # the work ran on the main process only
     sums = weights.checksums([target.unet])
     assert sums[0] == sums[1]
-    if not resume:
-        weights.on_main(lambda: assert_matches(full_weights(), reference.weights(), atol=5e-6))
+    if train_te:
         return
-    # a sharded training state: written by every process, checked and loaded by sdtune's state code
-    folder = tmp / "state"
-    state.save_state(accelerator, folder, state.Position(global_step=3), {})
+    # a sharded training state, written by every process, checked and loaded by sdtune's state code;
+    # training goes on after each gathering as if nothing had happened
+    state.save_state(accelerator, tmp / "state", state.Position(global_step=2), {})
+    step(2)
     after_three = weights.on_main(full_weights)
-    reference.step(3)
-    step(3)
-    after_four = weights.on_main(full_weights)
-    position = state.load_state(accelerator, folder)
-    assert position.global_step == 3
     if rank == 0:
-        assert_matches(weights.on_main(full_weights), after_three, atol=0)
-    else:
-        weights.on_main(full_weights)
-    step(3)  # the optimizer's moments came back too: the same step gives the same weights
+        assert_matches(after_three, reference.weights(), atol=5e-6)
+    assert state.load_state(accelerator, tmp / "state").global_step == 2
+    resumed = weights.on_main(full_weights)
+    step(2, compare=False)  # the optimizer's momentum came back too: the same step gives the same weights
+    again = weights.on_main(full_weights)
     if rank == 0:
-        assert_matches(weights.on_main(full_weights), after_four, atol=0)
-        assert_matches(after_four, reference.weights(), atol=5e-6)
-    else:
-        weights.on_main(full_weights)
+        assert_matches(resumed, after_two, atol=0)
+        assert_matches(again, after_three, atol=0)
 
 
 def _replace(model, unet):
@@ -251,10 +247,10 @@ def _world(rank: int, init: str, tmp: str) -> None:
     accelerator = Accelerator(cpu=True)  # joins the group made above (accelerate's MULTI_CPU)
     assert accelerator.num_processes == 2
     try:
-        for reshard, resume in ((True, True), (False, False)):  # full shard, then shard-grad-op
+        for reshard, train_te in ((True, False), (False, True)):  # full shard, then shard-grad-op
             folder = Path(tmp) / ("full_shard" if reshard else "shard_grad_op")
             folder.mkdir(exist_ok=True)
-            _sharded_run(accelerator, reshard, folder, rank, resume)
+            _sharded_run(accelerator, reshard, folder, rank, train_te)
     except BaseException:
         # the main process's failure is the telling one, yet another process may stop first
         (Path(tmp) / f"failure-{rank}.txt").write_text(traceback.format_exc())

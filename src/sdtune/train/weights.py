@@ -170,7 +170,9 @@ def EngineModules(modules):  # noqa: N802  (builds a module; a class made here t
 
     class _Trained(torch.nn.Module):
         # FSDP's transformer-based wrapping reads the layer classes not to split from the model it shards
-        _no_split_modules = sorted({name for m in modules for name in getattr(m, "_no_split_modules", None) or ()})
+        # (only those present: a CLIP text model lists its vision layers too, and accelerate refuses absent ones)
+        _no_split_modules = sorted({name for m in modules for name in getattr(m, "_no_split_modules", None) or ()}
+                                   & {type(layer).__name__ for m in modules for layer in m.modules()})
 
         def __init__(self):
             super().__init__()
