@@ -259,6 +259,7 @@ def _world(rank: int, init: str, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sharded_training_saves_samples_and_resumes_like_an_unsharded_run(tmp_path):
     import torch.multiprocessing as mp
 
