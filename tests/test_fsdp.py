@@ -107,10 +107,11 @@ class Reference:
         self.encoder.requires_grad_(train_te)
         self.optimizer = _optimizer(self.params)
 
-    def step(self, step: int) -> float:
+    def step(self, *steps: int) -> float:
+        """One optimizer step on the batches of `steps` together."""
         import torch
 
-        x, t, ids, target = _batch(self.unet, step)
+        x, t, ids, target = (torch.cat(parts) for parts in zip(*(_batch(self.unet, n) for n in steps)))
         torch.nn.functional.mse_loss(_predict(self.unet, self.encoder, x, t, ids), target).backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
@@ -123,7 +124,8 @@ class Reference:
 
 def _sharded_run(accelerator, reshard: bool, tmp, rank: int, train_te: bool) -> None:
     """Full shard (`reshard`) checks everything and resumes; shard-grad-op trains the text encoder
-    too (two modules in one sharded module) and checks the steps and the whole weights."""
+    too (two modules in one sharded module), accumulates gradients over two micro-batches, and checks
+    the steps and the whole weights."""
     import torch
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -184,8 +186,28 @@ def _sharded_run(accelerator, reshard: bool, tmp, rank: int, train_te: bool) -> 
             assert type(mine[key]) is torch.Tensor, key  # plain, whole tensors: an ordinary checkpoint
             torch.testing.assert_close(mine[key], theirs[key], atol=atol, rtol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
 
+    def accumulated_step(n: int) -> None:
+        """Two micro-batches per process, through the trainer's accumulation (FSDP told not to reduce
+        the first's gradients): one step on four samples."""
+        from sdtune.train.accel import micro_batch
+
+        for micro, closes in ((n, False), (n + 100, True)):
+            x, t, ids, noise = _batch(model.unet, micro)
+            share = slice(rank, rank + 1)
+            with micro_batch(accelerator, target.modules(), closes), torch.enable_grad():
+                accelerator.backward(torch.nn.functional.mse_loss(
+                    _predict(target.unet, encoder, x[share], t[share], ids[share]), noise[share]) / 2)
+        norm = float(accelerator.clip_grad_norm_(params, 1.0))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if reference is not None:
+            assert abs(norm - reference.step(n, n + 100)) < 1e-5 * norm
+
     step(0)
-    step(1)
+    if train_te:
+        accumulated_step(1)
+    else:
+        step(1)
     with pytest.raises(RuntimeError, match="inside Weights.gathered"):
         weights.full(target.unet).__enter__()
     x, t, ids, _ = _batch(model.unet, 99)
