@@ -8,8 +8,8 @@ sdtune cannot train under: no CUDA GPU (accelerate runs FSDP on GPUs only), FSDP
 default version, deprecated in torch), and the options that cannot act on sharded weights.
 
 The trained modules go into one module (accelerate shards one model per `prepare` call) which the
-training step calls through (`FSDPCall`). `gathered` makes every trained weight whole on every
-process, so that the main process alone can save, checksum and run forward passes (validation,
+training step calls through (`weights.FSDPCall`). `gathered` gives every process whole copies of the
+trained modules, so that the main process alone can save and run forward passes (validation,
 samples) without a collective inside; see its docstring.
 """
 
@@ -21,13 +21,7 @@ from typing import Iterator
 
 from sdtune.errors import UserError
 
-_TRUE = {"1", "true", "yes", "on"}
 _WHERE = "accelerate launch --use_fsdp"
-
-
-def requested(env=None) -> bool:
-    env = os.environ if env is None else env
-    return env.get("ACCELERATE_USE_FSDP", "").strip().lower() in _TRUE
 
 
 def check_launch(opts, env=None, cuda: bool | None = None) -> None:

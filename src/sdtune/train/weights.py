@@ -12,8 +12,8 @@ through the engine (`EngineCall`), so DeepSpeed sees every forward it must hook;
 reads the modules themselves. Under ZeRO-3 no process holds a whole module, so `on_main` and
 `checksums` first gather the full weights on every process (a collective), keeping them whole while
 the main process saves or runs its forward passes alone. FSDP2 (train/fsdp.py) is prepared the same
-way, its one sharded module called through `FSDPCall`; its weights are sharded at every step, so
-`on_main` and `checksums` gather them as under ZeRO-3.
+way, its one sharded module called through `FSDPCall`; there `gathered()` all-gathers the weights into
+whole, plain copies of the trained modules, which `full` hands out instead of the sharded modules.
 """
 
 from __future__ import annotations
