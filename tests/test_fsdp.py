@@ -69,6 +69,26 @@ def test_options_that_cannot_act_on_sharded_weights_are_refused(flags, where):
     assert caught.value.where == where and "does not work under FSDP" in caught.value.message
 
 
+def test_a_sharded_state_folder_is_accepted_whole_and_refused_without_a_shard_index(tmp_path):
+    """What accelerate writes under FSDP2 (checked against a real save in the test below): the model and
+    optimizer as torch.distributed.checkpoint folders, each with its .metadata index."""
+    from sdtune.train.state import check_state_files
+
+    (tmp_path / "scheduler.bin").write_bytes(b"")  # an empty file: not a zip, but its damage is not at issue
+    for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "__0_0.distcp").write_bytes(b"x")
+    with pytest.raises(UserError, match="incomplete training state: pytorch_model_fsdp_0/.metadata is missing"):
+        check_state_files(tmp_path)
+    (tmp_path / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"x")
+    with pytest.raises(UserError, match="optimizer_0/.metadata is missing"):
+        check_state_files(tmp_path)
+    (tmp_path / "optimizer_0" / ".metadata").write_bytes(b"x")
+    (tmp_path / "scheduler.bin").unlink()
+    with pytest.raises(UserError, match="scheduler.bin is missing"):
+        check_state_files(tmp_path)
+
+
 # ------------------------------------------------------------------ a sharded world of two processes
 
 
