@@ -14,7 +14,9 @@ changed U-Net weights, plus the check's own condition:
   and without a hypernetwork attached (the hypernetwork must act under each backend);
 * 8-bit optimizers (AdamW8bit, Lion8bit: bitsandbytes);
 * fp16 VAE latent caching (the default on CUDA) against float32 (`--no_half_vae`): close, finite;
-* hypernetwork training with `--xformers`.
+* hypernetwork training with `--xformers`;
+* FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2`, one process, bf16): a run that saves a
+  sharded state and a sample image, then a resumed run; on the CPU the launch must be refused.
 
 On the CPU (`--cpu-smoke`) sdtune falls back where CUDA is missing (fp16 trains in float32, xformers
 becomes SDPA): the lines say the script works there, nothing about CUDA. A check refused with a
@@ -28,6 +30,8 @@ import contextlib
 import functools
 import json
 import math
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -232,7 +236,8 @@ def checks(workspace: Path) -> list:
             *[(name, functools.partial(training_check, name, workspace, *flags, extra=extra.get(name)))
               for name, flags in runs.items()],
             ("vae_cache_fp16", functools.partial(vae_cache_fp16, workspace)),
-            ("hypernetwork_xformers", functools.partial(hypernetwork_training, workspace))]
+            ("hypernetwork_xformers", functools.partial(hypernetwork_training, workspace)),
+            ("fsdp2", functools.partial(fsdp_training, workspace))]
 
 
 def hypernetwork_training(workspace: Path) -> dict:
@@ -248,6 +253,40 @@ def hypernetwork_training(workspace: Path) -> dict:
     finite = all(math.isfinite(x) for x in result.losses)
     return {"check": "hypernetwork_xformers", "ok": finite and bool(saved) and unet_same and result.steps == 4,
             "losses_finite": finite, "saved": [p.name for p in saved], "unet_unchanged": unet_same}
+
+
+def fsdp_training(workspace: Path) -> dict:
+    """One-process FSDP2 under accelerate launch (a subprocess: accelerate picks FSDP only from a launch
+    on a GPU): 4 steps with a sample at step 2 and a sharded state, then a resume to step 6."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        (Path(tmp) / "prompts.txt").write_text("a red square --w 64 --h 64 --s 4 --d 1\n")
+        common = ["train", "--pretrained_model_name_or_path", str(workspace / "model"),
+                  "--train_data_dir", str(workspace / "data"), "--in_json", str(workspace / "meta.json"),
+                  "--output_dir", str(out), "--output_name", "check", "--save_model_as", "safetensors",
+                  "--save_precision", "float", "--resolution", "64", "--train_batch_size", "2",
+                  "--learning_rate", "1e-3", "--lr_scheduler", "constant", "--max_data_loader_n_workers", "0",
+                  "--seed", "7", "--mixed_precision", "bf16", "--save_state", "--save_every_n_steps", "4"]
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+                  "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--num_processes", "1", "--num_machines", "1",
+                  "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", "29581", "-m", "sdtune"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        first = subprocess.run([*launch, *common, "--max_train_steps", "4", "--sample_prompts",
+                                str(Path(tmp) / "prompts.txt"), "--sample_every_n_steps", "2"],
+                               capture_output=True, text=True, env=env, timeout=600)
+        if DEVICE.type != "cuda":  # accelerate runs FSDP on GPUs only: the launch must be refused, in one line
+            refused = "accelerate runs FSDP on CUDA GPUs only" in first.stderr + first.stdout
+            return {"check": "fsdp2", "ok": refused and first.returncode != 0, "refused_on_cpu": refused}
+        states = sorted(p.name for p in out.glob("*state*"))
+        sharded = any((out / s / "pytorch_model_fsdp_0" / ".metadata").is_file() for s in states)
+        samples = sorted(p.name for p in (out / "sample").glob("*.png")) if (out / "sample").is_dir() else []
+        second = subprocess.run([*launch, *common, "--max_train_steps", "6", "--resume", str(out / states[-1])]
+                                if states else ["false"], capture_output=True, text=True, env=env, timeout=600)
+        changed = first.returncode == 0 and _unet_changed(workspace, out, ())
+    ok = first.returncode == 0 and second.returncode == 0 and sharded and bool(samples) and changed
+    return {"check": "fsdp2", "ok": ok, "states": states, "sharded_state": sharded, "samples": samples,
+            "unet_changed": changed, "resumed": second.returncode == 0,
+            "stderr_tail": "" if ok else (first.stderr[-800:] + second.stderr[-800:])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ def _launch_args(name: str, *extra: str):
 
 def test_every_example_is_listed_here():
     assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == ["eight_gpus.yaml", "eight_gpus_deepspeed.yaml",
-                                                               "one_gpu.yaml", "two_cpu_processes.yaml",
+                                                               "eight_gpus_fsdp.yaml", "one_gpu.yaml", "two_cpu_processes.yaml",
                                                                "two_nodes.yaml"]
 
 
@@ -61,6 +61,27 @@ def test_the_deepspeed_example_agrees_with_sdtune_flags(monkeypatch):
     _check_launch_agrees(DeepSpeedOptions(deepspeed=True, zero_stage=2))
     with pytest.raises(UserError, match="ACCELERATE_DEEPSPEED_ZERO_STAGE=2 but sdtune's --zero_stage is 3"):
         _check_launch_agrees(DeepSpeedOptions(deepspeed=True, zero_stage=3))
+
+@pytest.mark.parametrize("extra, reshard", [((), True), (("--fsdp_reshard_after_forward", "false"), False)])
+def test_the_fsdp_example_selects_fsdp2_full_shard_or_shard_grad_op(monkeypatch, extra, reshard):
+    """What accelerate launch passes on for it is FSDP2, which sdtune accepts; its plugin reads full
+    shard (or shard-grad-op with the documented flag) and transformer-based wrapping."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from sdtune.train.fsdp import check_launch
+    from sdtune.train.options import TrainOptions
+
+    args = _launch_args("eight_gpus_fsdp.yaml", *extra)
+    assert args.use_fsdp and not args.cpu and (args.num_processes, args.num_machines) == (8, 1)
+    env = {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))}
+    check_launch(TrainOptions(pretrained_model_name_or_path="unused", output_dir="out"), env, cuda=True)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert (plugin.fsdp_version, plugin.reshard_after_forward) == (2, reshard)
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+
 
 def test_the_second_machine_overrides_only_its_rank():
     first, second = _launch_args("two_nodes.yaml"), _launch_args("two_nodes.yaml", "--machine_rank", "1")

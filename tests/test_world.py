@@ -175,8 +175,9 @@ def test_processes_that_each_believe_they_are_alone_are_refused(tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo launch is tested on Linux")
 def test_a_requested_engine_that_does_not_run_is_refused(tmp_path):
     # accelerate launch --use_fsdp on a CPU: accelerate runs plain data parallel without a word
-    out = _launch(tmp_path, 29562, "engine", "--use_fsdp")
-    assert out.count("refused: accelerate launch: FSDP was requested, but sdtune does not train under FSDP yet") == 2, out
+    out = _launch(tmp_path, 29562, "engine", "--use_fsdp", "--fsdp_version", "2")
+    assert out.count("refused: accelerate launch --use_fsdp: FSDP was requested, but accelerate runs FSDP on CUDA GPUs "
+                     "only and this machine has none") == 2, out
     assert out.count("refused: accelerate launch: FSDP was requested but accelerate runs MULTI_CPU instead") == 2, out
 
 

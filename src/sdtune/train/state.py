@@ -80,7 +80,14 @@ def _write_state(accelerator, directory: Path, tmp: Path, position: Position, op
                  dataset: dict[str, Any] | None, history: dict[str, Any] | None = None) -> None:
     from safetensors.torch import save_file
 
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    failure = None
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    except Exception as exc:
+        failure = exc
+    # every process writes files of its own (random states, FSDP shards): all are written before the
+    # main process renames the folder
+    raise_together(failure, accelerator)
     if accelerator.is_main_process:
         public = {k: v for k, v in options.items() if k not in secret_names(TrainOptions)}
         record = {"format": FORMAT, "position": asdict(position), "options": significant_options(options),
@@ -132,6 +139,10 @@ _ALWAYS_SAVED = ("model.safetensors", "optimizer.bin", "scheduler.bin")
 # under DeepSpeed accelerate writes the LR schedule; the engine writes the rest into its own folder
 _DEEPSPEED_FOLDER = "pytorch_model"
 _DEEPSPEED_SAVED = ("scheduler.bin",)
+# under FSDP accelerate writes sharded folders (torch.distributed.checkpoint: a .metadata file and one
+# .distcp file per process) for the model and the optimizer, or one full file each
+_FSDP_SHARDED = ("pytorch_model_fsdp_0", "optimizer_0")
+_FSDP_FULL = ("pytorch_model_fsdp.bin", "optimizer.bin", "scheduler.bin")
 _DAMAGED_FIX = ("Resume from another state folder (an earlier save), or train without --resume. States are written "
                 "whole or not at all: a damaged file was damaged later, by the storage or a copy.")
 
@@ -141,7 +152,10 @@ def check_state_files(directory: Path) -> None:
     in milliseconds, before any model loads: the safetensors headers against the file sizes, and the
     end-of-archive records of torch's zip files (.bin, .pkl, .pt), which a truncated file lacks."""
     engine = directory / _DEEPSPEED_FOLDER  # DeepSpeed's own checkpoint: weights and optimizer shards
-    for name in (_DEEPSPEED_SAVED if engine.is_dir() else _ALWAYS_SAVED):
+    sharded = (directory / _FSDP_SHARDED[0]).is_dir()
+    required = (_DEEPSPEED_SAVED if engine.is_dir() else _DEEPSPEED_SAVED if sharded
+                else _FSDP_FULL if (directory / _FSDP_FULL[0]).is_file() else _ALWAYS_SAVED)
+    for name in required + (tuple(f"{n}/.metadata" for n in _FSDP_SHARDED) if sharded else ()):
         if not (directory / name).is_file():
             raise UserError(f"incomplete training state: {name} is missing", where=str(directory), fix=_DAMAGED_FIX)
     if engine.is_dir() and not any(engine.glob("*model_states.pt")):

@@ -11,7 +11,9 @@ DeepSpeed model (sd-scripts does the same); frozen parts never reach it. The tra
 through the engine (`EngineCall`), so DeepSpeed sees every forward it must hook; everything else
 reads the modules themselves. Under ZeRO-3 no process holds a whole module, so `on_main` and
 `checksums` first gather the full weights on every process (a collective), keeping them whole while
-the main process saves or runs its forward passes alone.
+the main process saves or runs its forward passes alone. FSDP2 (train/fsdp.py) is prepared the same
+way, its one sharded module called through `FSDPCall`; there `gathered()` all-gathers the weights into
+whole, plain copies of the trained modules, which `full` hands out instead of the sharded modules.
 """
 
 from __future__ import annotations
@@ -30,16 +32,23 @@ class Weights:
         self.world = accelerator.num_processes
         kind = accelerator.distributed_type
         self.deepspeed = getattr(kind, "value", str(kind)) == "DEEPSPEED"
-        self.engine = None  # the DeepSpeedEngine once prepared
+        self.fsdp = getattr(kind, "value", str(kind)) == "FSDP"
+        self.engine = None  # the DeepSpeedEngine, or FSDP's sharded module, once prepared
         self._whole = False  # inside `gathered()`
+        self._copies: list = []  # under FSDP inside `gathered()`: whole copies of the trained modules
 
     @property
     def zero3(self) -> bool:
-        return self.engine is not None and self.engine.zero_optimization_partition_weights()
+        return self.deepspeed and self.engine is not None and self.engine.zero_optimization_partition_weights()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether no process holds the whole trained weights between `gathered()` blocks."""
+        return self.zero3 or (self.fsdp and self.engine is not None)
 
     def prepare(self, *objects):
         """Hand modules (first), optimizer and schedule to the engine (wrapping or sharding them)."""
-        if not self.deepspeed:
+        if not (self.deepspeed or self.fsdp):
             return self.accelerator.prepare(*objects)
         import torch
 
@@ -47,9 +56,10 @@ class Weights:
         modules, others = objects[:count], objects[count:]
         if any(isinstance(o, torch.nn.Module) for o in others):
             raise TypeError("Weights.prepare takes the modules first")
-        # one call with the optimizer: ZeRO needs them together
+        # one call with the optimizer: ZeRO needs them together, and FSDP re-points it to the shards
         self.engine, *prepared = self.accelerator.prepare(EngineModules(modules), *others)
-        return (*[EngineCall(self.engine, i, m) for i, m in enumerate(modules)], *prepared)
+        call = FSDPCall if self.fsdp else EngineCall
+        return (*[call(self.engine, i, m) for i, m in enumerate(modules)], *prepared)
 
     def unwrap(self, module):
         """The module inside its engine wrapper (DDP, compile, DeepSpeed), for a forward pass on one process."""
@@ -75,20 +85,30 @@ class Weights:
         With replicas (and ZeRO-1/2) every process already holds them all; under ZeRO-3 they are
         whole only inside `gathered()`, which `on_main` and `checksums` enter on every process.
         """
-        if self.zero3 and not self._whole:
-            raise RuntimeError("under ZeRO-3 the full weights are read inside Weights.gathered() only")
-        yield self.unwrap(module)
+        if self.sharded and not self._whole:
+            raise RuntimeError("sharded weights (ZeRO-3, FSDP) are read whole inside Weights.gathered() only")
+        yield self._copies[module._index] if isinstance(module, FSDPCall) else self.unwrap(module)
 
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:
-        """Every trained weight whole on every process for the block (ZeRO-3; elsewhere nothing to do).
+        """Every trained weight whole on every process for the block (ZeRO-3, FSDP; elsewhere nothing to do).
 
         A collective: all processes enter it. ZeRO-3's module hooks are lifted meanwhile, so that a
         forward pass on the main process alone (validation, samples) is plain torch: with them it
         would shard the weights again after each layer and wait for the other processes at the next.
         """
-        if not self.zero3 or self._whole:
+        if not self.sharded or self._whole:
             yield
+            return
+        if self.fsdp:
+            from sdtune.train import fsdp
+
+            with fsdp.gathered(self.engine, self.device) as self._copies:
+                self._whole = True
+                try:
+                    yield
+                finally:
+                    self._whole, self._copies = False, []
             return
         import deepspeed
         from deepspeed.runtime.zero import parameter_offload
@@ -149,6 +169,11 @@ def EngineModules(modules):  # noqa: N802  (builds a module; a class made here t
     import torch
 
     class _Trained(torch.nn.Module):
+        # FSDP's transformer-based wrapping reads the layer classes not to split from the model it shards
+        # (only those present: a CLIP text model lists its vision layers too, and accelerate refuses absent ones)
+        _no_split_modules = sorted({name for m in modules for name in getattr(m, "_no_split_modules", None) or ()}
+                                   & {type(layer).__name__ for m in modules for layer in m.modules()})
+
         def __init__(self):
             super().__init__()
             self.parts = torch.nn.ModuleList(modules)
@@ -173,6 +198,14 @@ class EngineCall:
         if name in ("_engine", "_index", "module"):
             raise AttributeError(name)
         return getattr(self.module, name)
+
+
+class FSDPCall(EngineCall):
+    """A trained module as the training step calls it under FSDP: through the one sharded module,
+    whose hooks gather the weights for the forward and reduce the gradients after the backward."""
+
+    def set_requires_gradient_sync(self, requires: bool) -> None:  # accelerate's no_sync under FSDP2
+        self._engine.set_requires_gradient_sync(requires)
 
 
 def raise_together(error: BaseException | None, accelerator) -> None:

@@ -30,7 +30,7 @@ _TRUE = {"1", "true", "yes", "on"}
 
 # Engines the trainer runs correctly under; a requested engine outside this set is refused, since a
 # trainer not built for sharded weights would save or validate wrongly under it.
-SUPPORTED_ENGINES: frozenset[str] = frozenset({"deepspeed"})
+SUPPORTED_ENGINES: frozenset[str] = frozenset({"deepspeed", "fsdp"})
 
 _ENGINE_TYPES = {"deepspeed": "DEEPSPEED", "fsdp": "FSDP"}
 _ENGINE_NAMES = {"deepspeed": "DeepSpeed", "fsdp": "FSDP"}
@@ -155,6 +155,10 @@ def accelerator_handlers(opts, backend: str | None = None) -> list:
     requested = requested_engine(getattr(opts, "deepspeed", False))
     if requested is not None and requested not in SUPPORTED_ENGINES:
         _refuse_unsupported(requested)
+    if requested == "fsdp":  # accelerate builds FSDP from the launch's settings: refuse what cannot run first
+        from sdtune.train.fsdp import check_launch
+
+        check_launch(opts)
     if requested == "deepspeed" and not getattr(opts, "deepspeed", False):
         # accelerate would build its own plugin from the launch's settings, which the trainer does not read
         raise UserError("the launch asks for DeepSpeed (accelerate launch --use_deepspeed or a config file) but "
