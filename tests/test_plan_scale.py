@@ -98,3 +98,31 @@ def test_sizes_without_metadata_are_read_once_and_cached_with_a_disk_cache(tmp_p
     Image.new("RGB", (128, 64)).save(images / "im1.png")
     assert sizes(cache_dir=str(tmp_path / "cache")) == [(96, 64), (128, 64), (80, 80)]
     assert sizes() == [(128, 64), (80, 80)]  # without the cache im0 is found unreadable
+
+
+def test_planning_leaves_the_cycle_collector_as_it_found_it(tmp_path):
+    import gc
+    import json
+
+    import pytest
+
+    from sdtune.data import DatasetOptions, build_plan
+    from sdtune.errors import UserError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"")
+    (tmp_path / "meta.json").write_text(json.dumps({"a": {"caption": "x", "image_size": [64, 64]}}))
+    opts = DatasetOptions(in_json=str(tmp_path / "meta.json"), train_data_dir=str(images), resolution="64")
+    missing = DatasetOptions(in_json=str(tmp_path / "none.json"), train_data_dir=str(images), resolution="64")
+    was = gc.isenabled()
+    try:
+        for enabled in (True, False):
+            gc.enable() if enabled else gc.disable()
+            assert len(build_plan(opts, seed=0, warn=lambda _m: None).samples) == 1
+            assert gc.isenabled() is enabled
+            with pytest.raises(UserError):  # a failed plan too
+                build_plan(missing, seed=0, warn=lambda _m: None)
+            assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()
