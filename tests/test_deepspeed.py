@@ -7,8 +7,8 @@ weights too, validates (the fixed-noise validation loss falls), samples and save
 that diffusers loads, laid out file for file and key for key as the reference's; ZeRO-3 without
 offload resumes from its state. Every run validates, samples and saves on the main process while the
 weights are sharded, so a hang there fails the run's timeout. Five launches, ~15 s each on a quiet
-machine once DeepSpeed's shared-memory op is compiled (~70 s, once per machine: it is cached in
-torch's extensions folder). The launches that must be refused are started without a launcher.
+machine; DeepSpeed compiles no op for them (an empty extensions folder of their own stays without
+its shared-memory op). The launches that must be refused are started without a launcher.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def _launch(run_in_session, root: Path, port: int, out: str, *extra: str) -> str
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            "--num_cpu_threads_per_process", "1", *_flags(root, out, *extra)]
-    proc = run_in_session(cmd, timeout=400, env=_env(), cwd=root)  # a hang ends with the test, not the suite
+    # an extensions folder of the test's own shows any op DeepSpeed compiles
+    env = _env(TORCH_EXTENSIONS_DIR=str(root / "torch_extensions"))
+    proc = run_in_session(cmd, timeout=400, env=env, cwd=root)  # a hang ends with the test, not the suite
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -97,6 +99,8 @@ def test_zero2_trains_like_data_parallel_and_resumes(workspace, run_in_session, 
     out = _launch(run_in_session, workspace, 29663, "z2r", "--deepspeed", "--zero_stage=2", f"--resume={state}")
     assert "resumed from" in out and "step 2" in out
     _close(load_file(str(workspace / "z2r" / UNET)), z2, atol=1e-6)
+    # training never uses DeepSpeed's shared-memory op (its inference all-reduce): it is not compiled
+    assert not list((workspace / "torch_extensions").rglob("*shm*")), list((workspace / "torch_extensions").rglob("*"))
 
 
 def test_zero3_offloaded_trains_validates_samples_saves_and_resumes(workspace, run_in_session, reference):

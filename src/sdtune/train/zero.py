@@ -132,6 +132,8 @@ def deepspeed_plugin(ds: DeepSpeedOptions, *, train_batch_size: int, gradient_ac
         raise UserError("DeepSpeed is not installed", where="--deepspeed",
                         fix="Install it: pip install 'sdtune[deepspeed]' (its ops compile at first use: needs g++).") \
             from None
+    if not _cuda():
+        _skip_shared_memory_op()
     from accelerate.utils import DeepSpeedPlugin
 
     # every field given: the plugin would otherwise fill unset ones from an accelerate config's environment
@@ -183,6 +185,22 @@ def process_group_backend(world_size: int) -> str | None:
     without a GPU gloo, or accelerate tells every process it is alone (and `cpu=True` would drop
     DeepSpeed instead); with GPUs accelerate's own choice (None)."""
     return "gloo" if world_size > 1 and not _cuda() else None
+
+
+def _skip_shared_memory_op() -> None:
+    """Keep DeepSpeed on a CPU from compiling its shared-memory communication op.
+
+    Its communication backend builds the op when it starts (~70 s of C++ build on each new machine,
+    and a compiler there), but only its tensor-parallel inference all-reduce uses it: ZeRO's training
+    collectives go through torch.distributed (gloo here) either way. DeepSpeed keeps which ops this
+    machine can build in one module-level table that persists edits (deepspeed.ops.__compatible_ops__);
+    marked as not buildable, the op is skipped as on platforms without it. No public switch exists.
+    """
+    import deepspeed.ops
+
+    table = deepspeed.ops.__compatible_ops__
+    if "deepspeed_shm_comm" in table:
+        table["deepspeed_shm_comm"] = False
 
 
 def _cuda() -> bool:
