@@ -8,16 +8,14 @@ sdtune cannot train under: no CUDA GPU (accelerate runs FSDP on GPUs only), FSDP
 default version, deprecated in torch), and the options that cannot act on sharded weights.
 
 The trained modules go into one module (accelerate shards one model per `prepare` call) which the
-training step calls through (`weights.FSDPCall`). `gathered` gives every process whole copies of the
-trained modules, so that the main process alone can save and run forward passes (validation,
-samples) without a collective inside; see its docstring.
+training step calls through (`weights.FSDPCall`). `Weights.gathered` gives every process whole
+copies of the trained modules (`whole_copies`), so that the main process alone can save and run
+forward passes (validation, samples) without a collective inside; see its docstring.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Iterator
 
 from sdtune.errors import UserError
 
@@ -68,16 +66,15 @@ def check_training(opts) -> None:
             raise UserError(f"does not work under FSDP: {why}", where=where, fix=fix)
 
 
-@contextlib.contextmanager
-def gathered(root, device) -> Iterator[list]:
+def whole_copies(root, device) -> list:
     """Whole, unsharded copies of the trained modules in FSDP's sharded `root` (one per module, in
-    order), on every process for the block. A collective: all processes enter it.
+    order), on every process. A collective: all processes call it.
 
     FSDP's own modules cannot serve: their state_dict() always returns the shards (a hook reshards
     them first), and a forward pass through them gathers weights from every process, so the main
     process could neither save nor sample alone. Torch's full state dict all-gathers the weights in
     their own precision (float32 under mixed precision, not FSDP's lower-precision compute copies);
-    each copy is a plain module of the same class holding them, and is dropped after the block.
+    each copy is a plain module of the same class holding them, dropped when `Weights.gathered` ends.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -87,8 +84,7 @@ def gathered(root, device) -> Iterator[list]:
         prefix = f"parts.{index}."
         copies.append(plain_copy(part, {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)},
                                  device))
-    del full
-    yield copies
+    return copies
 
 
 def plain_copy(module, state: dict, device):

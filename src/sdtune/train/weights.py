@@ -103,12 +103,11 @@ class Weights:
         if self.fsdp:
             from sdtune.train import fsdp
 
-            with fsdp.gathered(self.engine, self.device) as self._copies:
-                self._whole = True
-                try:
-                    yield
-                finally:
-                    self._whole, self._copies = False, []
+            self._copies, self._whole = fsdp.whole_copies(self.engine, self.device), True
+            try:
+                yield
+            finally:
+                self._whole, self._copies = False, []
             return
         import deepspeed
         from deepspeed.runtime.zero import parameter_offload
