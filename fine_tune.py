@@ -8,7 +8,7 @@ Same flags as `sdtune train`.
 
 import sys
 
-from sdtune.cli import main
+from sdtune.cli import run_and_exit
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]], prog="fine_tune.py"))
+    run_and_exit(["train", *sys.argv[1:]], prog="fine_tune.py")

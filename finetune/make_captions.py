@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from sdtune.cli import main  # noqa: E402
+from sdtune.cli import run_and_exit  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["caption", *sys.argv[1:]], prog="make_captions.py"))
+    run_and_exit(["caption", *sys.argv[1:]], prog="make_captions.py")

@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from sdtune.cli import main  # noqa: E402
+from sdtune.cli import run_and_exit  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["merge", "--only", "tags", *sys.argv[1:]], prog="merge_dd_tags_to_metadata.py"))
+    run_and_exit(["merge", "--only", "tags", *sys.argv[1:]], prog="merge_dd_tags_to_metadata.py")

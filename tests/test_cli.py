@@ -120,3 +120,43 @@ def test_windows_path_in_double_quotes_gets_a_hint(capsys, tmp_path):
     import tomllib
 
     assert tomllib.loads("image_dir = 'C:\\data\\img'")["image_dir"] == "C:\\data\\img"
+
+
+_EXIT_PROBE = """
+import atexit, sys, threading, time
+from pathlib import Path
+import sdtune.cli
+
+out = Path(sys.argv[1])
+
+class Torn:  # its __del__ runs when Python tears this module down at exit
+    def __del__(self):
+        (out / "torn-down").write_text("")
+
+kept = Torn()
+atexit.register(lambda: (out / "exit-handler").write_text(""))
+
+def main(argv, prog):
+    print("printed, never flushed", end="")  # a pipe: block-buffered
+    if argv == ["thread"]:
+        threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text(""))).start()
+    return 3
+
+sdtune.cli.main = main
+sdtune.cli.run_and_exit(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("args", [[], ["thread"]])
+def test_the_commands_exit_with_mains_code_after_the_exit_handlers_without_the_teardown(tmp_path, args):
+    """`run_and_exit` (the `sdtune` command and the scripts): main's exit code, buffered output and
+    the exit handlers' work arrive; the module teardown is skipped; a running thread is waited for,
+    through the ordinary exit."""
+    proc = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(tmp_path), *args], capture_output=True, text=True,
+                          timeout=60)
+    assert (proc.returncode, proc.stdout) == (3, "printed, never flushed"), proc.stderr
+    assert (tmp_path / "exit-handler").is_file()
+    if args:
+        assert (tmp_path / "thread").is_file() and (tmp_path / "torn-down").is_file()
+    else:
+        assert not (tmp_path / "torn-down").exists()

@@ -33,14 +33,18 @@ def model(tmp_path_factory, tiny_model_file) -> Path:
 
 
 def script(name: str, *args: str) -> None:
-    """One of the finetune/*.py scripts, run as `python finetune/<name>.py ARGS` runs it."""
-    argv = sys.argv
+    """One of the finetune/*.py scripts, run as `python finetune/<name>.py ARGS` runs it, in this
+    process: its exit is an ordinary one (`run_and_exit` would end the test process with it)."""
+    import sdtune.cli
+
+    argv, quick_exit = sys.argv, sdtune.cli.run_and_exit
     sys.argv = [str(REPO / "finetune" / f"{name}.py"), *args]
+    sdtune.cli.run_and_exit = lambda argv=None, prog=None: sys.exit(sdtune.cli.main(argv, prog))
     try:
         with pytest.raises(SystemExit) as done:
             runpy.run_path(sys.argv[0], run_name="__main__")
     finally:
-        sys.argv = argv
+        sys.argv, sdtune.cli.run_and_exit = argv, quick_exit
     assert done.value.code == 0, f"{name}.py exited with {done.value.code}"
 
 

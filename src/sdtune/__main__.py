@@ -1,3 +1,3 @@
-from sdtune.cli import main
+from sdtune.cli import run_and_exit
 
-raise SystemExit(main())
+run_and_exit()
