@@ -215,7 +215,8 @@ def test_the_tokenizers_own_plain_bpe_is_shared():
     table through JSON at every start), and builds its own when the model differs."""
     from sdtune.text.clean import _own_plain_bpe
 
-    tok = CLIPTokenizer.from_pretrained(FAMILIES["sd1"].asset_dir / "tokenizer")
+    # a keyword: a tokenizer of this test's own, not the one the suite shares (conftest), as it is changed below
+    tok = CLIPTokenizer.from_pretrained(FAMILIES["sd1"].asset_dir / "tokenizer", local_files_only=True)
     settings = dict(continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False, unk_token=tok.unk_token)
     assert _own_plain_bpe(tok, settings) is not None
     tok.backend_tokenizer.model.dropout = 0.5  # a BPE that would split words at random
