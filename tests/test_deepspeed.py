@@ -5,10 +5,12 @@ reductions add in another order), and a ZeRO-2 run resumed from its step-2 state
 uninterrupted one did. ZeRO-3 with the optimizer offloaded to the CPU ends with the reference's
 weights too, validates (the fixed-noise validation loss falls), samples and saves a Diffusers model
 that diffusers loads, laid out file for file and key for key as the reference's; ZeRO-3 without
-offload resumes from its state. Every run validates, samples and saves on the main process while the
-weights are sharded, so a hang there fails the run's timeout. Five launches, ~15 s each on a quiet
-machine; DeepSpeed compiles no op for them (an empty extensions folder of their own stays without
-its shared-memory op). The launches that must be refused are started without a launcher.
+offload resumes from its step-3 state. Every run validates, samples and saves on the main process
+while the weights are sharded, so a hang there fails the run's timeout. Five launches on a quiet
+machine: ~25 s each for data parallel and ZeRO-2, ~55 s for a ZeRO-3 run (DeepSpeed's set-up and its
+first step after recording the module order are slow on this tiny model); DeepSpeed compiles no op
+for them (an empty extensions folder of their own stays without its shared-memory op). The launches
+that must be refused are started without a launcher.
 """
 
 from __future__ import annotations
@@ -46,20 +48,20 @@ def _env(**extra: str) -> dict:
     return env
 
 
-def _flags(root: Path, out: str, *extra: str) -> list[str]:
+def _flags(root: Path, out: str, *extra: str, save_every: int = 2) -> list[str]:
     return [str(REPO / "fine_tune.py"), f"--pretrained_model_name_or_path={root / 'model'}", "--in_json",
             str(root / "meta.json"), f"--train_data_dir={root / 'data'}", f"--output_dir={root / out}",
             "--resolution=64", "--train_batch_size=1", "--learning_rate=1e-3", "--lr_scheduler=cosine",
             "--max_data_loader_n_workers=0", "--max_train_steps=4", "--seed=3", "--save_model_as=diffusers",
-            "--use_safetensors", "--save_every_n_steps=2", "--save_state", "--validation_split=0.2",
+            "--use_safetensors", f"--save_every_n_steps={save_every}", "--save_state", "--validation_split=0.2",
             "--validate_every_n_steps=2", f"--sample_prompts={root / 'prompts.txt'}", "--sample_every_n_steps=2",
             *extra]
 
 
-def _launch(run_in_session, root: Path, port: int, out: str, *extra: str) -> str:
+def _launch(run_in_session, root: Path, port: int, out: str, *extra: str, save_every: int = 2) -> str:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "--num_cpu_threads_per_process", "1", *_flags(root, out, *extra)]
+           "--num_cpu_threads_per_process", "1", *_flags(root, out, *extra, save_every=save_every)]
     # an extensions folder of the test's own shows any op DeepSpeed compiles
     env = _env(TORCH_EXTENSIONS_DIR=str(root / "torch_extensions"))
     proc = run_in_session(cmd, timeout=400, env=env, cwd=root)  # a hang ends with the test, not the suite
@@ -108,8 +110,11 @@ def test_zero3_offloaded_trains_validates_samples_saves_and_resumes(workspace, r
     from diffusers import UNet2DConditionModel
 
     # sd-scripts' ZeRO-3 command lines carry --zero3_save_16bit_model (it cannot save without): accepted
+    # its state is saved at step 3, so that the resumed run below takes one step: ZeRO-3's first step
+    # after the step that records the module order spends ~10 CPU-s per process finding which
+    # gathered weights to release (a pass over the rest of the order for each module)
     out = _launch(run_in_session, workspace, 29664, "z3", "--deepspeed", "--zero_stage=3",
-                  "--offload_optimizer_device=cpu", "--zero3_save_16bit_model")
+                  "--offload_optimizer_device=cpu", "--zero3_save_16bit_model", save_every=3)
     assert out.count(": DEEPSPEED, backend gloo") == 2, out
     z3 = workspace / "z3"
     # Adam divides by the gradients' own size, so the last bits of tiny gradients, summed in another
@@ -127,8 +132,8 @@ def test_zero3_offloaded_trains_validates_samples_saves_and_resumes(workspace, r
 
     # without offload, resumed from the offloaded run's state: the same weights at the end
     out = _launch(run_in_session, workspace, 29665, "z3r", "--deepspeed", "--zero_stage=3",
-                  f"--resume={z3 / 'at-step00000002-state'}", "--resume_allow_changes")  # the offload changes
-    assert "resumed from" in out and "step 2" in out
+                  f"--resume={z3 / 'at-step00000003-state'}", "--resume_allow_changes", save_every=3)  # the offload
+    assert "resumed from" in out and "step 3" in out
     _close(load_file(str(workspace / "z3r" / UNET)), load_file(str(z3 / UNET)), atol=1e-6)
 
 
