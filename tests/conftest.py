@@ -68,13 +68,13 @@ def _one_tokenizer_per_contents():
         folder = Path(args[0]) if len(args) == 1 and isinstance(args[0], (str, os.PathLike)) else None
         if kwargs or folder is None or not folder.is_dir():
             return original.__func__(cls, *args, **kwargs)
-        source = args[0]
         digest = hashlib.sha256()
         for file in sorted(p for p in folder.iterdir() if p.is_file()):
-            digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+            for part in (file.name.encode(), b"\0", file.read_bytes(), b"\0"):
+                digest.update(part)
         key = (cls, digest.hexdigest())
         if key not in loaded:
-            loaded[key] = original.__func__(cls, source)
+            loaded[key] = original.__func__(cls, *args)
         return loaded[key]
 
     CLIPTokenizer.from_pretrained = classmethod(from_pretrained)

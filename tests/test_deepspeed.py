@@ -7,7 +7,7 @@ weights too, validates (the fixed-noise validation loss falls), samples and save
 that diffusers loads, laid out file for file and key for key as the reference's; ZeRO-3 without
 offload resumes from its step-3 state. Every run validates, samples and saves on the main process
 while the weights are sharded, so a hang there fails the run's timeout. Five launches on a quiet
-machine: ~25 s each for data parallel and ZeRO-2, ~55 s for a ZeRO-3 run (DeepSpeed's set-up and its
+machine: ~25-35 s each for data parallel and ZeRO-2, ~55 s for a ZeRO-3 run (DeepSpeed's set-up and its
 first step after recording the module order are slow on this tiny model); DeepSpeed compiles no op
 for them (an empty extensions folder of their own stays without its shared-memory op). The launches
 that must be refused are started without a launcher.
