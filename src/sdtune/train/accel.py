@@ -8,7 +8,13 @@ so because no public way exists; each says why, so that an accelerate upgrade ha
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
+
+# torch deprecates two collectives that DeepSpeed calls; its FutureWarning comes back dozens of times
+# in a ZeRO-3 run (Python forgets which warnings it has shown whenever code changes the warning
+# filters), about code the user neither owns nor can change
+_DEEPSPEED_COLLECTIVES = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
 
 
 def fresh_accelerator_state() -> None:
@@ -59,6 +65,7 @@ def deepspeed_accelerator(opts, precision: str):
                               max_grad_norm=opts.max_grad_norm, mixed_precision=precision, full_fp16=opts.full_fp16,
                               world_size=world)
     handlers = accelerator_handlers(opts, backend=process_group_backend(world))
+    warnings.filterwarnings("ignore", message=_DEEPSPEED_COLLECTIVES, category=FutureWarning)
     fresh_accelerator_state()
     return Accelerator(gradient_accumulation_steps=opts.gradient_accumulation_steps, mixed_precision=precision,
                        deepspeed_plugin=plugin, kwargs_handlers=handlers)
