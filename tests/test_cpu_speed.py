@@ -55,6 +55,21 @@ def test_multi_tensor_path_during_the_step_and_state_unchanged():
     assert [g["foreach"] for g in optimizer.state_dict()["param_groups"]] == [None]
 
 
+def test_a_step_that_raises_leaves_neither_the_state_nor_the_next_step_switched():
+    params = _params(torch.float32)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    assert prefer_foreach_on_cpu(optimizer)
+    seen = []
+    optimizer.register_step_pre_hook(lambda opt, a, k: seen.append([g["foreach"] for g in opt.param_groups]))
+    params[0].grad = torch.ones_like(params[0]).to_sparse()  # AdamW refuses sparse gradients in its step
+    with pytest.raises(RuntimeError, match="sparse"):
+        optimizer.step()
+    assert seen == [[True]]  # it raised on the multi-tensor path, after the pre-hook, before the post-hook
+    assert [g["foreach"] for g in optimizer.state_dict()["param_groups"]] == [None]
+    _train(params, optimizer, steps=1)
+    assert seen[-1] == [True] and [g["foreach"] for g in optimizer.param_groups] == [None]
+
+
 def test_left_alone_when_the_user_chose_or_another_optimizer():
     params = _params(torch.float32)
     assert not prefer_foreach_on_cpu(torch.optim.AdamW(params, lr=1e-3, foreach=False))

@@ -41,18 +41,20 @@ def prefer_foreach_on_cpu(optimizer: "torch.optim.Optimizer") -> bool:
         return False
     switched: list[dict] = []
 
+    def restore(*_):
+        while switched:
+            switched.pop()["foreach"] = None
+
     def before(opt, args, kwargs):
+        restore()  # a step that raised skipped the post-hook: its groups are still switched
         for group in opt.param_groups:  # the fused backward pass steps a one-parameter copy of a group
             if group.get("foreach") is None:
                 group["foreach"] = True
                 switched.append(group)
 
-    def after(opt, args, kwargs):
-        while switched:
-            switched.pop()["foreach"] = None
-
     optimizer.register_step_pre_hook(before)
-    optimizer.register_step_post_hook(after)
+    optimizer.register_step_post_hook(restore)
+    optimizer.register_state_dict_pre_hook(restore)  # a state saved after such a step records None too
     return True
 
 
