@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import sys
 import types
 import typing
@@ -76,6 +77,7 @@ def _facts(info: Any) -> dict[str, Any]:
     return info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
 
 
+@functools.cache  # a model's fields are fixed when its class is made
 def option_names(model: type[BaseModel], **facts: Any) -> tuple[str, ...]:
     """The fields of `model` declared with all the given facts (e.g. `resume="may_change"`), in order."""
     return tuple(name for name, info in model.model_fields.items()

@@ -48,8 +48,9 @@ def significant_options(options: dict[str, Any]) -> dict[str, Any]:
     """The options that must match on resume: those declared `resume="same"` (every option not
     declared otherwise), without the secrets (a new API key changes nothing in training), even when
     given in a dict that still holds them."""
-    hidden = set(option_names(TrainOptions, resume="may_change") + option_names(TrainOptions, resume="length"))
-    return {k: v for k, v in sorted(options.items()) if k not in hidden | secret_names(TrainOptions)}
+    hidden = {*option_names(TrainOptions, resume="may_change"), *option_names(TrainOptions, resume="length"),
+              *secret_names(TrainOptions)}
+    return {k: v for k, v in sorted(options.items()) if k not in hidden}
 
 
 def save_state(accelerator, directory: Path, position: Position, options: dict[str, Any], ema=None,
@@ -89,7 +90,8 @@ def _write_state(accelerator, directory: Path, tmp: Path, position: Position, op
     # main process renames the folder
     raise_together(failure, accelerator)
     if accelerator.is_main_process:
-        public = {k: v for k, v in options.items() if k not in secret_names(TrainOptions)}
+        secret = secret_names(TrainOptions)
+        public = {k: v for k, v in options.items() if k not in secret}
         record = {"format": FORMAT, "position": asdict(position), "options": significant_options(options),
                   "all_options": public, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if dataset is not None:
