@@ -5,10 +5,12 @@ reductions add in another order), and a ZeRO-2 run resumed from its step-2 state
 uninterrupted one did. ZeRO-3 with the optimizer offloaded to the CPU ends with the reference's
 weights too, validates (the fixed-noise validation loss falls), samples and saves a Diffusers model
 that diffusers loads, laid out file for file and key for key as the reference's; ZeRO-3 without
-offload resumes from its step-3 state. Every run validates, samples and saves on the main process
-while the weights are sharded, so a hang there fails the run's timeout. Five launches on a quiet
-machine: ~25-35 s each for data parallel and ZeRO-2, ~55 s for a ZeRO-3 run (DeepSpeed's set-up and its
-first step after recording the module order are slow on this tiny model); DeepSpeed compiles no op
+offload resumes from its step-3 state. The tiny U-Net is twice as wide here, so that ZeRO-3 splits
+some of its tensors (DeepSpeed keeps those of up to 100,000 weights whole on every process). Every run
+validates, samples and saves on the main process while the weights are sharded, so a hang there fails
+the run's timeout. Five launches on a quiet machine: ~20-35 s each for data parallel and ZeRO-2, ~55 s
+for a ZeRO-3 run (DeepSpeed's set-up, and its first step after recording the module order, take
+longest; docs/benchmarks.md); DeepSpeed compiles no op
 for them (an empty extensions folder of their own stays without its shared-memory op). The launches
 that must be refused are started without a launcher.
 """
@@ -36,7 +38,10 @@ UNET = Path("last") / "unet" / "diffusion_pytorch_model.safetensors"
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepspeed")
-    write_tiny_model(root / "model", "sd1", seed=0, fmt="diffusers")
+    # the U-Net twice as wide: its largest tensors (up to 295,000 weights) pass DeepSpeed's threshold of
+    # 100,000, under which ZeRO-3 keeps a tensor whole on every process (all of the usual tiny U-Net's
+    # tensors are under it, so ZeRO-3 would split nothing); the runs take no longer
+    write_tiny_model(root / "model", "sd1", seed=0, fmt="diffusers", unet={"block_out_channels": [32, 64, 128, 128]})
     make_dataset(root / "data", n=5, seed=0, metadata=root / "meta.json")
     (root / "prompts.txt").write_text("a red cube --w 64 --h 64 --s 2 --d 5\n")
     return root
@@ -119,6 +124,12 @@ def test_zero3_offloaded_trains_validates_samples_saves_and_resumes(workspace, r
     out = _launch(run_in_session, workspace, 29664, "z3", "--deepspeed", "--zero_stage=3",
                   "--offload_optimizer_device=cpu", "--zero3_save_16bit_model", save_every=3)
     assert out.count(": DEEPSPEED, backend gloo") == 2, out
+    # the weights really are split: those of the tensors over DeepSpeed's threshold, counted here
+    sizes = [p.numel() for p in UNet2DConditionModel.from_pretrained(str(workspace / "model"), subfolder="unet").parameters()]
+    big = [n for n in sizes if n > 100_000]
+    assert big, sizes
+    assert (f"ZeRO-3: {len(big)} of {len(sizes)} trained weight tensors ({sum(big) / sum(sizes):.2%} of {sum(sizes):,} "
+            f"weights) split over 2 processes; the other {len(sizes) - len(big)}, of up to 100,000 weights each") in out, out
     z3 = workspace / "z3"
     # Adam divides by the gradients' own size, so the last bits of tiny gradients, summed in another
     # order by ZeRO-3's partitioned reduction, move a few weights by up to ~1 % of a step

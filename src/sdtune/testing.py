@@ -44,8 +44,9 @@ def tiny_config(family: Family | str, component: str) -> dict[str, Any]:
     return config
 
 
-def build_tiny_model(family: Family | str = "sd1", seed: int = 0):
-    """An `SDModel` with random weights, the real tokenizer and the family's scheduler config."""
+def build_tiny_model(family: Family | str = "sd1", seed: int = 0, unet: dict[str, Any] | None = None):
+    """An `SDModel` with random weights, the real tokenizer and the family's scheduler config; `unet`
+    overrides entries of the tiny U-Net's config (e.g. wider `block_out_channels`)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -55,7 +56,7 @@ def build_tiny_model(family: Family | str = "sd1", seed: int = 0):
     fam = get_family(family) if isinstance(family, str) else family
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(tiny_config(fam, "unet"))
+        unet = UNet2DConditionModel.from_config({**tiny_config(fam, "unet"), **(unet or {})})
         vae = AutoencoderKL.from_config(tiny_config(fam, "vae"))
         te_config = {k: v for k, v in tiny_config(fam, "text_encoder").items() if k not in ("architectures", "model_type")}
         text_encoder = CLIPTextModel(CLIPTextConfig(**te_config))
@@ -84,8 +85,10 @@ def _randomize_layer_norms(module) -> None:
                 m.bias.copy_(0.2 * torch.randn_like(m.bias))
 
 
-def write_tiny_model(path: str | Path, family: Family | str = "sd1", seed: int = 0, fmt: str | None = None) -> Path:
-    """Build a tiny model and write it as a Diffusers folder or an original-layout single file.
+def write_tiny_model(path: str | Path, family: Family | str = "sd1", seed: int = 0, fmt: str | None = None,
+                     unet: dict[str, Any] | None = None) -> Path:
+    """Build a tiny model (`unet`: see build_tiny_model) and write it as a Diffusers folder or an
+    original-layout single file.
 
     `fmt` is taken from the suffix when not given: ".safetensors" / ".ckpt" write a single file,
     anything else a Diffusers folder.
@@ -95,7 +98,7 @@ def write_tiny_model(path: str | Path, family: Family | str = "sd1", seed: int =
     path = Path(path)
     if fmt is None:
         fmt = {".safetensors": "safetensors", ".ckpt": "ckpt"}.get(path.suffix, "diffusers")
-    checkpoint.save_model(build_tiny_model(family, seed), path, fmt=fmt)
+    checkpoint.save_model(build_tiny_model(family, seed, unet=unet), path, fmt=fmt)
     return path
 
 

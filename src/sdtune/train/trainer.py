@@ -375,6 +375,8 @@ class Trainer:
                                                         num_processes=run.world, note=run.note)
         *modules, self.optimizer, self.lr_scheduler = run.weights.prepare(*target.modules(), optimizer, lr_scheduler)
         target.adopt(modules)
+        if run.weights.zero3:
+            run.note(run.weights.zero3_split())
         if target.conditioning_encoder is not None:
             self.text.conditioner.text_encoder = target.conditioning_encoder
         self.params = [p for m in modules for p in m.parameters() if p.requires_grad]

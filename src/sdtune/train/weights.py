@@ -61,6 +61,17 @@ class Weights:
         call = FSDPCall if self.fsdp else EngineCall
         return (*[call(self.engine, i, m) for i, m in enumerate(modules)], *prepared)
 
+    def zero3_split(self) -> str:
+        """Under ZeRO-3, how much of the trained weights DeepSpeed splits over the processes: tensors
+        of up to stage3_param_persistence_threshold weights (100,000 by default: norms, biases) stay
+        whole on every process. DeepSpeed marks them on the parameters (`ds_persist`, `ds_numel`)."""
+        params = list(self.engine.module.parameters())
+        split = [p for p in params if not p.ds_persist]
+        weights, total = sum(p.ds_numel for p in split), sum(p.ds_numel for p in params)
+        return (f"ZeRO-3: {len(split)} of {len(params)} trained weight tensors ({weights / total:.2%} of "
+                f"{total:,} weights) split over {self.world} processes; the other {len(params) - len(split)}, "
+                f"of up to {self.engine.zero_param_persistence_threshold():,} weights each, whole on each")
+
     def unwrap(self, module):
         """The module inside its engine wrapper (DDP, compile, DeepSpeed), for a forward pass on one process."""
         if isinstance(module, EngineCall):
