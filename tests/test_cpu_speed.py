@@ -43,12 +43,18 @@ def test_same_weights_and_state_as_the_per_tensor_loop(cls, dtype):
             assert torch.equal(reference.state[a][key], fast.state[b][key]), key
 
 
-def test_multi_tensor_path_during_the_step_and_state_unchanged():
+def _watched_adamw():
+    """A hooked AdamW and the `foreach` of its groups as each step starts (after sdtune's pre-hook)."""
     params = _params(torch.float32)
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     assert prefer_foreach_on_cpu(optimizer)
     seen = []
     optimizer.register_step_pre_hook(lambda opt, a, k: seen.append([g["foreach"] for g in opt.param_groups]))
+    return params, optimizer, seen
+
+
+def test_multi_tensor_path_during_the_step_and_state_unchanged():
+    params, optimizer, seen = _watched_adamw()
     _train(params, optimizer, steps=2)
     assert seen == [[True], [True]]  # the step ran with foreach=True
     # ... but the saved state records the choice the user made (none), as before
@@ -56,11 +62,7 @@ def test_multi_tensor_path_during_the_step_and_state_unchanged():
 
 
 def test_a_step_that_raises_leaves_neither_the_state_nor_the_next_step_switched():
-    params = _params(torch.float32)
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    assert prefer_foreach_on_cpu(optimizer)
-    seen = []
-    optimizer.register_step_pre_hook(lambda opt, a, k: seen.append([g["foreach"] for g in opt.param_groups]))
+    params, optimizer, seen = _watched_adamw()
     params[0].grad = torch.ones_like(params[0]).to_sparse()  # AdamW refuses sparse gradients in its step
     with pytest.raises(RuntimeError, match="sparse"):
         optimizer.step()
