@@ -71,13 +71,16 @@ def test_the_8bit_library_loads_for_an_8bit_optimizer_only(workspace, tmp_path, 
                       "--train_batch_size", "2", "--max_train_steps", "1", "--output_dir", "{tmp_path / 'out'}",
                       "--optimizer_type", "AdamW8bit"])
         sys.stdout.write("RESULT " + json.dumps([convert, after_convert, train, "bitsandbytes" in sys.modules,
-                                                 importers]) + "\\n")
+                                                 importers, "deepspeed" in sys.modules]) + "\\n")
     """)
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert result, proc.stderr[-3000:]
-    convert, after_convert, train, loaded, importers = json.loads(result[0][len("RESULT "):])
+    convert, after_convert, train, loaded, importers, deepspeed = json.loads(result[0][len("RESULT "):])
     assert convert == 0 and not after_convert
     assert train == 0 and loaded
+    # a run without --deepspeed leaves DeepSpeed unloaded (installed here, it would take ~0.5 s and, on
+    # a machine without a GPU, print a warning of its own)
+    assert not deepspeed
     sdtune_files = [f for f in importers if "/sdtune/" in f]
     assert sdtune_files[-1].endswith("sdtune/train/optim.py"), importers  # not diffusers' model loading
     said = [line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")]

@@ -73,10 +73,16 @@ class Weights:
                 f"of up to {self.engine.zero_param_persistence_threshold():,} weights each, whole on each")
 
     def unwrap(self, module):
-        """The module inside its engine wrapper (DDP, compile, DeepSpeed), for a forward pass on one process."""
+        """The module inside its engine wrapper (DDP, compile, DeepSpeed), for a forward pass on one process.
+
+        Not accelerate's `unwrap_model`: whenever DeepSpeed is installed, that imports it to test for a
+        wrapper that never reaches it here (`EngineCall` holds the engine's modules): ~0.5 s in every
+        run, and a DeepSpeed warning on the terminal of a machine without a GPU."""
+        from sdtune.text.encode import unwrap_module
+
         if isinstance(module, EngineCall):
             return module.module
-        return self.accelerator.unwrap_model(module)
+        return unwrap_module(module)
 
     def autocast(self):
         """The forward pass's precision context. accelerate leaves it to DeepSpeed, which casts the
