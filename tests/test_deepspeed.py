@@ -10,9 +10,9 @@ some of its tensors (DeepSpeed keeps those of up to 100,000 weights whole on eve
 validates, samples and saves on the main process while the weights are sharded, so a hang there fails
 the run's timeout. Five launches on a quiet machine: ~20-35 s each for data parallel and ZeRO-2, ~55 s
 for a ZeRO-3 run (DeepSpeed's set-up, and its first step after recording the module order, take
-longest; docs/benchmarks.md); DeepSpeed compiles no op
-for them (an empty extensions folder of their own stays without its shared-memory op). The launches
-that must be refused are started without a launcher.
+longest; docs/benchmarks.md). DeepSpeed compiles no op for them (an empty extensions folder of their
+own stays without its shared-memory op). The launches that must be refused are started without a
+launcher.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def _launch(run_in_session, root: Path, port: int, out: str, *extra: str, save_e
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     # no Python warning reaches the user (torch's deprecation of the collectives DeepSpeed calls came
     # back dozens of times in every ZeRO-3 run)
-    assert not re.findall(r"\w+Warning: .*", proc.stderr), set(re.findall(r"\w+Warning: .*", proc.stderr))
+    warned = set(re.findall(r"\w+Warning: .*", proc.stderr))
+    assert not warned, warned
     return proc.stdout
 
 
