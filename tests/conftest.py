@@ -1,6 +1,7 @@
 """Test-wide settings: offline, quiet, deterministic, nothing written outside tmp."""
 
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -9,7 +10,12 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="sdtune-hf-home-"))
+if "HF_HOME" not in os.environ:  # one empty hub cache per test run, removed when the process that made it ends
+    import atexit
+    import shutil
+
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="sdtune-hf-home-")
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Under pytest-xdist every worker (and every process it launches) gets one compute thread: with
 # more, the workers' thread pools fight over the cores and CPU training runs up to 10x slower.
@@ -85,6 +91,29 @@ def _one_tokenizer_per_contents():
         CLIPTokenizer.from_pretrained = own
 
 
+# The suite writes ~9 GB of models, states and caches (pytest's temporary folders); kept to the end of the
+# run, and three runs kept by pytest, they filled the CI machine's disk. A passing test's `tmp_path` is
+# removed when it ends (`tmp_path_retention_policy = "failed"` in pyproject.toml), and the folders a
+# module's fixtures made with `tmp_path_factory.mktemp` are removed when the module is done, unless a
+# test failed. Session fixtures' folders (names starting with SESSION_DIR) live to the end of the run.
+SESSION_DIR = "session-"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_folders_removed_when_done(request, tmp_path_factory):
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    before = {p.name for p in base.iterdir()}
+    failed = request.session.testsfailed
+    yield  # an autouse fixture is set up before, and torn down after, the module's other fixtures
+    if request.session.testsfailed != failed:
+        return  # left for a look at what went wrong
+    for folder in base.iterdir():
+        if folder.name not in before and not folder.name.startswith(SESSION_DIR) and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd1():
     from sdtune.testing import build_tiny_model
@@ -102,7 +131,7 @@ def tiny_model_file(tmp_path_factory):
 
     from sdtune.testing import write_tiny_model
 
-    store = tmp_path_factory.mktemp("tiny-models")
+    store = tmp_path_factory.mktemp(SESSION_DIR + "tiny-models")
     written: dict[tuple, Path] = {}
 
     def copy(path: str | Path, family: str = "sd1", seed: int = 0, fmt: str | None = None) -> Path:
@@ -143,7 +172,6 @@ def training_workspace(tiny_model_file):
 def _run_in_session(cmd: list[str], *, timeout: float = 300, **kwargs):
     """subprocess.run in its own session: on timeout the whole process group is killed (accelerate's
     launcher and every rank it started), so a hung run never outlives the test. Fails on timeout."""
-    import signal
     import subprocess
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -159,6 +187,7 @@ def _run_in_session(cmd: list[str], *, timeout: float = 300, **kwargs):
             ranks = psutil.Process(proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             ranks = []
+        _show_stacks([p for p in ranks if _is_rank(p)] or [psutil.Process(proc.pid)])
         os.killpg(proc.pid, signal.SIGKILL)
         for child in ranks:
             try:
@@ -166,8 +195,35 @@ def _run_in_session(cmd: list[str], *, timeout: float = 300, **kwargs):
             except psutil.NoSuchProcess:
                 pass
         out, err = proc.communicate()
-        pytest.fail(f"{' '.join(map(str, cmd[:4]))} ... did not finish in {timeout} s:\n{out[-2000:]}\n{err[-2000:]}")
+        pytest.fail(f"{' '.join(map(str, cmd[:4]))} ... did not finish in {timeout} s:\n{out[-2000:]}\n{err[-8000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _is_rank(process) -> bool:
+    """A training process started by a launcher (accelerate's sets LOCAL_RANK for each), not a launcher."""
+    import psutil
+
+    try:
+        return "LOCAL_RANK" in process.environ()
+    except psutil.Error:
+        return False
+
+
+def _show_stacks(processes) -> None:
+    """Ask sdtune processes for every thread's stack (its SIGUSR1 handler writes them to stderr), so that
+    a test that timed out shows where each process was."""
+    import time
+
+    import psutil
+
+    for process in processes:
+        try:
+            line = " ".join(process.cmdline())
+            if ("sdtune" in line or "fine_tune.py" in line) and "launch" not in line:  # a launcher would just end
+                process.send_signal(signal.SIGUSR1)
+        except psutil.Error:
+            pass
+    time.sleep(2)
 
 
 @pytest.fixture
