@@ -76,6 +76,22 @@ def test_missing_model_file(capsys, tmp_path):
     assert code == 2 and err.count("\n") == 1 and "nope.safetensors" in err and "Traceback" not in err
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGUSR1 is POSIX")
+def test_sigusr1_prints_where_each_thread_is_and_the_process_goes_on(capfd, tmp_path):
+    import faulthandler
+    import os
+    import signal
+
+    main(["train", "--pretrained_model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")])
+    capfd.readouterr()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # as `kill -USR1 <pid>` from a shell
+    finally:
+        faulthandler.unregister(signal.SIGUSR1)
+    err = capfd.readouterr().err
+    assert "Current thread" in err and "test_sigusr1_prints_where_each_thread_is" in err, err
+
+
 def test_missing_metadata(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--pretrained_model_name_or_path", "m", "--output_dir", "o",
                            "--in_json", str(tmp_path / "missing.json"), "--train_data_dir", str(tmp_path))

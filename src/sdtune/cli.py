@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import atexit
 import difflib
+import faulthandler
 import importlib
 import os
 import re
+import signal
 import sys
 import threading
 from typing import NoReturn
@@ -129,6 +131,18 @@ def attach_negative_numbers(argv: list[str]) -> list[str]:
     return out
 
 
+def show_stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` prints where every thread of the process is to its stderr, and it goes on: for
+    a run that seems stuck (a process of a multi-GPU launch waiting for another, storage that stopped
+    answering). POSIX only; a process without a real stderr (pythonw) goes without."""
+    if not hasattr(faulthandler, "register"):
+        return
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no stderr, or one without a file descriptor
+        pass
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = attach_negative_numbers(list(sys.argv[1:] if argv is None else argv))
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -138,6 +152,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.print_help()
         return 2
     debug = getattr(args, "debug", False) or os.environ.get("SDTUNE_DEBUG") == "1"
+    show_stacks_on_sigusr1()
     keep_bitsandbytes_unloaded()  # imported by an 8-bit optimizer only, not with every model
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
