@@ -365,7 +365,7 @@ class Trainer:
         self.group_names = [g["name"] for g in groups]
         optimizer = optim.build_optimizer(opts.effective_optimizer, groups, opts.learning_rate, opts.optimizer_args,
                                           note=run.note)
-        cpu_speed.prefer_foreach_on_cpu(optimizer)
+        cpu_speed.fast_cpu_step(optimizer)
         if run.device.type == "cpu":
             cpu_speed.keep_freed_memory()
         if opts.full_bf16:  # the same rounding draws on every process keeps the replicas identical
