@@ -128,7 +128,7 @@ def test_two_processes_train_one_hypernetwork(sd1_workspace, tmp_path, run_in_se
     root = sd1_workspace
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29561",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29566",
            "--num_cpu_threads_per_process", "1", str(REPO / "fine_tune.py"),
            f"--pretrained_model_name_or_path={root / 'model.safetensors'}", "--in_json", str(root / "meta.json"),
            f"--train_data_dir={root / 'data'}", f"--output_dir={tmp_path / 'out'}", "--resolution=64",
