@@ -100,3 +100,22 @@ def test_option_validation_and_offline_hub():
     with pytest.raises(UserError, match="Salesforce/blip-not-here") as err:
         load_captioner("Salesforce/blip-not-here")
     assert "--model_id" in str(err.value)
+
+
+def test_writing_the_tiny_model_prints_nothing_on_a_machine_without_a_gpu(tmp_path):
+    """`sdtune demo` writes it first: transformers' save_pretrained imports DeepSpeed (through accelerate),
+    which logged "Setting accelerator to CPU" as the demo's first line. A fresh process, as in the demo."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("DeepSpeed finds the GPU and says nothing anyway")
+    script = ("import sys; from sdtune.testing import write_tiny_blip; write_tiny_blip(sys.argv[1]); "
+              "print('deepspeed' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "blip")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    output = proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == "True"  # DeepSpeed was imported, so its notice had its chance
+    assert "accelerator" not in output and "WARNING" not in output, output

@@ -12,7 +12,9 @@ Everything is deterministic from a seed, and the global RNG is left as it was.
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +244,16 @@ def write_tiny_blip(folder: str | Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
-    model.save_pretrained(folder)
+    # save_pretrained asks accelerate whether the model is a DeepSpeed engine, which imports DeepSpeed,
+    # and DeepSpeed then logs that it found no GPU: on a machine without one, name the CPU for it
+    quiet = not torch.cuda.is_available() and "deepspeed" not in sys.modules and "DS_ACCELERATOR" not in os.environ
+    if quiet:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if quiet:
+            del os.environ["DS_ACCELERATOR"]
     tokenizer.save_pretrained(folder)
     BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
