@@ -32,8 +32,10 @@ def summarise(dest: Path, mode: str) -> dict:
     checks = [r for r in lines(dest / "checks.jsonl") if "check" in r]
     throughput = [r for r in lines(dest / "throughput.jsonl") if "batch" in r]
     memory = lines(dest / "memory.jsonl")
-    eager = {r["batch"]: r for r in throughput if not r["compile"]}
-    compiled = {r["batch"]: r for r in throughput if r["compile"]}
+    plain = [r for r in throughput if not r.get("optimizer_args")]  # AdamW as sdtune runs it on a GPU
+    eager = {r["batch"]: r for r in plain if not r["compile"]}
+    compiled = {r["batch"]: r for r in plain if r["compile"]}
+    fused = next((r for r in throughput if r.get("optimizer_args")), None)
     speedup = {b: round(compiled[b]["samples_per_s"] / eager[b]["samples_per_s"], 3) for b in eager if b in compiled}
     mem_rows = [r for r in memory if "set" in r]
     mem_summary = next((r["summary"] for r in memory if "summary" in r), None)
@@ -44,9 +46,12 @@ def summarise(dest: Path, mode: str) -> dict:
         "stages": {name: {"rc": s["rc"], "seconds": s["seconds"]} for name, s in stages.items()},
         "checks": {"passed": [c["check"] for c in checks if c.get("ok")],
                    "failed": [c["check"] for c in checks if not c.get("ok")]},
-        "throughput": [{k: r.get(k) for k in ("batch", "compile", "samples_per_s", "step_ms", "tflops", "mfu",
-                                               "warmup_s", "peak_gib")} for r in throughput],
+        "throughput": [{k: r.get(k) for k in ("batch", "compile", "optimizer_args", "samples_per_s", "step_ms",
+                                               "tflops", "mfu", "warmup_s", "peak_gib")} for r in throughput],
         "compile_speedup": speedup,
+        # batch 1, eager: AdamW on torch's fused kernel against the default multi-tensor step
+        "fused_adamw_speedup": round(fused["samples_per_s"] / eager[1]["samples_per_s"], 3)
+        if fused and 1 in eager else None,
         "memory": [{k: r.get(k) for k in ("set", "peak_gib", "predicted_gib", "ratio", "error")} for r in mem_rows],
         "memory_worst_ratio": mem_summary,
     }
