@@ -188,3 +188,43 @@ def test_prompt_problems_are_one_line(workspace, tmp_path, capsys):
     into_file = ["sample", "--pretrained_model_name_or_path", str(workspace / "model.safetensors"), "--output_dir",
                  str(tmp_path / "afile"), "--prompt", "a cat --s 1"]
     assert "afile: is a file, not a folder" in error_line(capsys, main(into_file))
+
+
+def test_vae_decodes_in_place_of_the_models_own(workspace, tmp_path, tiny_model_file):
+    """--vae: the images are those of training's sampler on the model with that VAE put in directly
+    (another seed's tiny VAE, built here), and differ from the model's own VAE's."""
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    from sdtune.checkpoint import load_model
+    from sdtune.testing import build_tiny_model
+    from sdtune.text import TextConditioner
+    from sdtune.train.prompts import load_prompts
+    from sdtune.train.sampling import sample_images
+
+    other = tiny_model_file(tmp_path / "other.safetensors", "sd1", seed=1)
+    prefix = "first_stage_model."  # a VAE file in the original layout, as VAE downloads are
+    save_file({k[len(prefix):]: v for k, v in load_file(str(other)).items() if k.startswith(prefix)},
+              str(tmp_path / "vae.safetensors"))
+    assert sample(workspace, tmp_path / "own") == 0
+    assert sample(workspace, tmp_path / "vae", "--vae", str(tmp_path / "vae.safetensors")) == 0
+
+    model = load_model(str(workspace / "model.safetensors"), verbose=False)
+    model = dataclasses.replace(model, vae=build_tiny_model("sd1", seed=1).vae)
+    conditioner = TextConditioner(model.tokenizer, model.text_encoder, model.family)
+    reference = list(sample_images(model, conditioner, load_prompts(workspace / "prompts.txt"), sampler="ddim",
+                                   out_dir=tmp_path / "reference", name=None, tag="ref", device="cpu", seed=SEED,
+                                   progress=False))
+    with_vae = sorted((tmp_path / "vae").glob("base_0*.png"))
+    own = sorted((tmp_path / "own").glob("base_0*.png"))
+    assert len(with_vae) == len(reference) == len(own) == 2
+    for v, ref, o in zip(with_vae, reference, own):
+        assert np.array_equal(pixels(v), pixels(ref)), v.name
+        assert not np.array_equal(pixels(v), pixels(o)), v.name
+
+
+def test_a_missing_vae_is_one_line(workspace, tmp_path, capsys):
+    assert sample(workspace, tmp_path / "out", "--vae", str(tmp_path / "nope.safetensors")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.safetensors" in err and "--vae" in err, err

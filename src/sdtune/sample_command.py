@@ -3,6 +3,8 @@
     sdtune sample --pretrained_model_name_or_path sd15.safetensors --hypernetwork style.pt \\
         --hypernetwork_multiplier 0.8 --prompt "a castle --n blurry --d 7" --output_dir samples
 
+`--vae FILE` decodes with another VAE, as training's `--vae` does for a run's sample images.
+
 The images are made exactly as training makes its sample images (train/sampling.py): the same
 conditioning function (`TextConditioner.encode`, with --clip_skip, --max_token_length and
 --weighted_captions), the same samplers, seeds and file naming, the U-Net and text encoder in the
@@ -45,6 +47,9 @@ class SampleOptions(ModelOptions):
     pretrained_model_name_or_path: str | None = Field(
         None, "the model to sample: a .safetensors or .ckpt file, a Diffusers folder, or a hub id", group="Model",
         metavar="PATH")
+    vae: str | None = Field(None, "a separate VAE (.safetensors/.ckpt file, Diffusers folder or hub id) that decodes "
+                            "the images in place of the model's own, as --vae does in training", group="Model",
+                            metavar="PATH")
     hypernetwork: str | None = Field(
         None, "apply this hypernetwork file (.pt from the web UI, sd-scripts or sdtune; or sdtune's .safetensors)",
         group="Hypernetwork", metavar="FILE")
@@ -237,7 +242,7 @@ def generate_images(opts: SampleOptions, prompts: list, hn, device, dtype, note)
 
     import torch
 
-    from sdtune.checkpoint import load_model
+    from sdtune.checkpoint import load_model, load_vae
     from sdtune.hypernetwork import apply
     from sdtune.text import TextConditioner
     from sdtune.train import sampling
@@ -246,6 +251,9 @@ def generate_images(opts: SampleOptions, prompts: list, hn, device, dtype, note)
     model = load_model(opts.pretrained_model_name_or_path, v2=opts.v2 or None,
                        v_parameterization=opts.v_parameterization or None, use_ema_weights=opts.use_ema_weights,
                        dtype=torch.float32)
+    if opts.vae:  # as training's --vae, which also makes that run's sample images
+        model = dataclasses.replace(model, vae=load_vae(opts.vae, like=model.vae, dtype=torch.float32))
+        note(f"vae: {opts.vae}")
     # frozen parts in the compute precision, as a hypernetwork run (or a frozen text encoder) holds them
     unet = compute_copy(model.unet.requires_grad_(False).eval(), device, dtype)
     text_encoder = compute_copy(model.text_encoder.requires_grad_(False).eval(), device, dtype)
