@@ -187,7 +187,7 @@ def _run_in_session(cmd: list[str], *, timeout: float = 300, **kwargs):
             ranks = psutil.Process(proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             ranks = []
-        _show_stacks([p for p in ranks if _is_rank(p)] or [psutil.Process(proc.pid)])
+        _show_stacks([psutil.Process(proc.pid), *ranks])
         os.killpg(proc.pid, signal.SIGKILL)
         for child in ranks:
             try:
@@ -199,31 +199,57 @@ def _run_in_session(cmd: list[str], *, timeout: float = 300, **kwargs):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def _is_rank(process) -> bool:
-    """A training process started by a launcher (accelerate's sets LOCAL_RANK for each), not a launcher."""
+# A test sets this (through the stacks_on_sigusr1 fixture) in a launch's environment when every Python process of the
+# launch, its launchers too, prints its stacks on SIGUSR1
+STACKS_ENV = "SDTUNE_TEST_STACKS_ON_USR1"
+
+
+def _shows_stacks(process) -> bool:
+    """Whether SIGUSR1 makes `process` print its stacks rather than end it: sdtune's own processes (the
+    command and the ranks a launcher starts, which accelerate gives LOCAL_RANK), or any process of a
+    launch prepared with `stacks_on_sigusr1`."""
     import psutil
 
     try:
-        return "LOCAL_RANK" in process.environ()
+        environ, line = process.environ(), " ".join(process.cmdline())
     except psutil.Error:
         return False
+    if STACKS_ENV in environ:
+        return True
+    sdtune = "sdtune" in line or "fine_tune.py" in line
+    return sdtune and ("LOCAL_RANK" in environ or "launch" not in line)  # a launcher would just end
 
 
 def _show_stacks(processes) -> None:
-    """Ask sdtune processes for every thread's stack (its SIGUSR1 handler writes them to stderr), so that
-    a test that timed out shows where each process was."""
+    """Ask the processes that can for every thread's stack (a SIGUSR1 handler writes them to stderr), so
+    that a test that timed out shows where each process was."""
     import time
 
     import psutil
 
     for process in processes:
         try:
-            line = " ".join(process.cmdline())
-            if ("sdtune" in line or "fine_tune.py" in line) and "launch" not in line:  # a launcher would just end
+            if _shows_stacks(process):
                 process.send_signal(signal.SIGUSR1)
         except psutil.Error:
             pass
     time.sleep(2)
+
+
+def _stacks_on_sigusr1(env: dict, folder: Path) -> dict:
+    """`env` for a launch whose every Python process (the launchers too, not only sdtune's) prints its
+    stacks when a timed-out `run_in_session` sends SIGUSR1: a sitecustomize in `folder` registers it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import faulthandler, signal, sys\n"
+        "faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)\n")
+    path = os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH")]))
+    return {**env, "PYTHONPATH": path, STACKS_ENV: "1"}
+
+
+@pytest.fixture
+def stacks_on_sigusr1():
+    return _stacks_on_sigusr1
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ one-machine run serves both checks, as each launch costs three Python processes)
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -66,7 +67,8 @@ def _check_one_machine(root: Path, proc) -> None:
     assert total == pytest.approx(float(sums.group(1)), rel=1e-9)
 
 
-def test_two_cpu_processes_train_one_model_and_two_machines_train_alike(tmp_path, run_in_session, tiny_model_file):
+def test_two_cpu_processes_train_one_model_and_two_machines_train_alike(tmp_path, run_in_session, tiny_model_file,
+                                                                       stacks_on_sigusr1):
     tiny_model_file(tmp_path / "model", "sd1", seed=0, fmt="diffusers")
     for data in ("data", "data2"):  # each launch encodes (and caches) its own images
         make_dataset(tmp_path / data, n=4, seed=0, metadata=tmp_path / "meta.json")
@@ -80,10 +82,17 @@ def test_two_cpu_processes_train_one_model_and_two_machines_train_alike(tmp_path
     assert one.returncode == 0, one.stderr[-3000:]
     _check_one_machine(tmp_path, one)
 
+    # this launch once hung after both machines' ranks had ended: should it again, every process of it,
+    # the launchers too, shows where it waits
+    env = stacks_on_sigusr1(env, tmp_path / "stacks")
     with ThreadPoolExecutor(2) as pool:  # both machines must be up for the rendezvous
         runs = [pool.submit(run_in_session, _launch(tmp_path, "data2", "two", 29572, machines=2, machine_rank=r),
                             timeout=240, env=env, cwd=tmp_path) for r in (0, 1)]
-        two = [r.result() for r in runs]
+        concurrent.futures.wait(runs)
+    failed = [f"machine {r}: {run.exception()}" for r, run in enumerate(runs) if run.exception() is not None]
+    if failed:  # both machines' output: the one that waited and the one it waited for
+        pytest.fail("\n\n".join(failed), pytrace=False)
+    two = [run.result() for run in runs]
     for proc in two:
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "with 2 processes" in two[0].stdout  # one world of two, not two worlds of one
