@@ -474,6 +474,24 @@ def _encoder_call(conditioner, text_encoder):
     return encode
 
 
+# The trainers of distributed runs that ended in this process, kept until it exits (see `train`).
+_ENDED_DISTRIBUTED: list[Trainer] = []
+
+
 def train(opts: TrainOptions, target=None) -> TrainResult:
-    """Train as `opts` say; `target` (a train.target.TrainingTarget) replaces the one they ask for."""
-    return Trainer(opts, target).fit()
+    """Train as `opts` say; `target` (a train.target.TrainingTarget) replaces the one they ask for.
+
+    A distributed run's trainer is not freed when it returns. Freeing it frees the prepared models, and
+    with them the last reference to the gloo process group (accelerate's end_training has already
+    destroyed the group, but not the object), whose C++ destructor then waits, holding Python's lock,
+    for a worker thread that needs that lock to free a tensor: the process hung there, after its final
+    save, in about one launch of ten on the test machine (a rank's stack showed the main thread in this
+    function's return and a thread without Python frames). The commands end right after (`cli.run_and_exit`
+    leaves out the teardown), so the objects go with the process instead."""
+    trainer = Trainer(opts, target)
+    try:
+        return trainer.fit()
+    finally:
+        run = getattr(trainer, "run", None)
+        if run is not None and run.world > 1:
+            _ENDED_DISTRIBUTED.append(trainer)
