@@ -7,7 +7,8 @@
 One JSON line per (batch, compile), and one for batch 1 with AdamW on torch's fused kernel: step
 time, samples/s, achieved TFLOP/s and model-FLOPs utilisation (2.41 TFLOP per 512x512 sample for the
 forward and backward pass, against the chip's dense bf16 peak), the warm-up time (compilation
-included) and the peak memory. The step is bench/gpu_step.py's: `--mixed_precision bf16`, AdamW, SDPA attention, no checkpointing.
+included) and the peak memory. The step is bench/gpu_step.py's: `--mixed_precision bf16`, AdamW,
+SDPA attention, no checkpointing.
 Compiled runs use sdtune's `--torch_compile` (the U-Net compiled in place); each batch size is a new
 shape, so the compiled runs also show what a recompilation costs.
 """
